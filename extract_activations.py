@@ -1,0 +1,235 @@
+"""Extract residual-stream activations of an instruct model, one example at a time (FAST).
+
+FAST (Finetuning-aligned Sequential Training, arXiv 2506.07691): every example is formatted with the
+model's chat template exactly as in fine-tuning and run on its own, never concatenated with others into
+fixed-size blocks. Examples of similar length share a padded batch for speed; padding is masked out and
+the results equal one-at-a-time processing. The output of each requested decoder block is streamed to
+`activations/activations_layer{L}.npz` (see sae/activations.py for the format).
+
+    python extract_activations.py                                  # SmolLM2-135M-Instruct, sample data, CPU
+    python extract_activations.py --layer_idx=[6,12,18] --max_length=256
+    python extract_activations.py --model_name=meta-llama/Llama-3.1-8B-Instruct --layer_idx=16 \
+        --dataset_path=data/my.jsonl --batch_tokens=32768           # on a GPU
+    python extract_activations.py --help                            # every setting with its meaning
+
+Killed or out of disk? Run the same command again: it resumes where it stopped.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae.activations import StreamingNpzWriter
+from sae.config import configure, fail
+from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
+from sae import lm
+
+# ---- model
+MODEL_NAME = lm.DEFAULT_MODEL  # Hugging Face id (from the local cache), a local folder, or a .gguf file
+CACHE_DIR = None  # Hugging Face cache folder to look in; None = the default (~/.cache/huggingface/hub)
+DEVICE = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
+DTYPE = "auto"  # weights and compute: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
+DEVICE_MAP = None  # None = whole model on DEVICE; "auto" spreads a large model over GPUs with accelerate
+# ---- data
+DATASET_PATH = "data/cognitive_actions_sample.jsonl"  # JSONL, one example per line
+TEXT_FIELD = "text"  # field holding the text; records without it may have a `messages` list instead
+LABEL_FIELD = "auto"  # "auto" (primary_cognitive_action, else cognitive_action), a field name, or None
+CHAT_TEMPLATE = True  # format each example with the model's chat template as in fine-tuning
+MAX_LENGTH = 512  # tokens per example after the template; longer examples are cut (and counted)
+# ---- extraction
+LAYER_IDX = 12  # output of decoder block 12 (0-based; blocks.12.hook_resid_post); a list for several
+BATCH_TOKENS = 8192  # token budget of one padded forward batch (longest example × batch size)
+STORE_DTYPE = "float16"  # "float16" (half the disk) or "float32"
+OUTPUT_DIR = "activations"  # writes OUTPUT_DIR/activations_layer{L}.npz
+# -----------------------------------------------------------------------------
+config = configure(globals(), also={"LAYER_IDX": (list,), "LABEL_FIELD": (type(None),)})
+# -----------------------------------------------------------------------------
+WINDOW_TOKENS = 8 * BATCH_TOKENS  # examples are length-sorted within windows of this many tokens, which
+#                                   are written (and resumable) in dataset order; memory is bounded by it
+
+# ---- settings check
+layers = sorted(set(LAYER_IDX if isinstance(LAYER_IDX, list) else [LAYER_IDX]))
+if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+    fail(f"LAYER_IDX={LAYER_IDX!r} must be an int or a non-empty list of ints")
+if MAX_LENGTH < 2:
+    fail(f"MAX_LENGTH={MAX_LENGTH} is too small; use at least 2 tokens (e.g. --max_length=512)")
+if BATCH_TOKENS < 1:
+    fail(f"BATCH_TOKENS={BATCH_TOKENS} must be positive (e.g. --batch_tokens=8192)")
+if STORE_DTYPE not in ("float16", "float32"):
+    fail(f"STORE_DTYPE={STORE_DTYPE!r} is not supported; use 'float16' or 'float32'")
+if DTYPE not in ("auto", "float32", "bfloat16", "float16"):
+    fail(f"DTYPE={DTYPE!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'")
+try:
+    os.makedirs(OUTPUT_DIR, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=OUTPUT_DIR):
+        pass
+except OSError as e:
+    fail(f"OUTPUT_DIR={OUTPUT_DIR} is not a writable folder ({e.strerror}); point --output_dir at one")
+
+# ---- data: validate every line before spending time on the model
+try:
+    label_field = resolve_label_field(DATASET_PATH, LABEL_FIELD)
+    n_examples = sum(1 for _ in iter_examples(DATASET_PATH, TEXT_FIELD, label_field))
+except DatasetError as e:
+    fail(str(e))
+dataset_sha256 = sha256_file(DATASET_PATH)
+
+# ---- model config and tokenizer (the weights come after the cheap checks)
+device = lm.pick_device(DEVICE)
+if device.type == "cuda" and not torch.cuda.is_available():
+    fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
+dtype = lm.pick_dtype(DTYPE, device)
+try:
+    where = lm.resolve_model(MODEL_NAME, CACHE_DIR)
+except lm.ModelNotFound as e:
+    fail(str(e))
+model_config = lm.load_config(where)
+n_blocks = lm.n_layers(model_config)
+bad = [x for x in layers if not 0 <= x < n_blocks]
+if bad:
+    fail(f"LAYER_IDX={LAYER_IDX} is out of range for {MODEL_NAME}, which has {n_blocks} decoder blocks; "
+         f"use 0..{n_blocks - 1}")
+tokenizer = lm.load_tokenizer(where)
+if not tokenizer.is_fast:
+    fail(f"the tokenizer of {MODEL_NAME} is not a fast tokenizer, which is needed to tell template tokens "
+         f"from content; use a model with a tokenizer.json")
+use_template = CHAT_TEMPLATE and lm.warn_no_template(tokenizer)
+
+ids_per_example, roles_per_example, labels, example_index = [], [], [], []
+n_cut_examples = n_cut_tokens = 0
+for line_index, messages, label in iter_examples(DATASET_PATH, TEXT_FIELD, label_field):
+    ids, roles, cut = lm.tokenize_example(tokenizer, messages, use_template, MAX_LENGTH)
+    ids_per_example.append(ids)
+    roles_per_example.append(roles)
+    labels.append(label)
+    example_index.append(line_index)
+    n_cut_examples += cut > 0
+    n_cut_tokens += cut
+lengths = np.array([len(x) for x in ids_per_example], dtype=np.int64)
+offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+n_tokens = int(offsets[-1])
+d_model = int(getattr(model_config, "text_config", model_config).hidden_size)
+
+print(f"Model: {MODEL_NAME} ({where['source']}), {n_blocks} blocks, hidden dimension {d_model}, "
+      f"{dtype} on {device}")
+print(f"Layers: {', '.join(map(str, layers))} (output of decoder block; resid_post)")
+print(f"Examples: {n_examples} from {DATASET_PATH} (labels: {label_field or 'none'}), chat template "
+      f"{'on' if use_template else 'off'}")
+print(f"Sequence lengths: min {lengths.min()}, max {lengths.max()}, mean {lengths.mean():.1f}; "
+      f"total tokens {n_tokens}")
+print(f"Truncated to MAX_LENGTH={MAX_LENGTH}: {n_cut_examples} examples ({n_cut_tokens} tokens cut)")
+
+# ---- resume: the progress file records how far each layer's partial file is valid
+out_paths = {L: os.path.join(OUTPUT_DIR, f"activations_layer{L}.npz") for L in layers}
+progress_path = os.path.join(OUTPUT_DIR, ".extract_progress.json")
+fingerprint = {k: v for k, v in config.items() if k not in ("BATCH_TOKENS",)}
+fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=layers, format=1)
+progress = None
+if os.path.isfile(progress_path):
+    with open(progress_path) as f:
+        progress = json.load(f)
+    if progress.get("fingerprint") != fingerprint or not all(
+            os.path.isfile(p + ".partial") for p in out_paths.values()):
+        print("Found an unfinished extraction with other settings or data; starting over")
+        progress = None
+done = progress["examples_done"] if progress else 0
+if done:
+    print(f"Resuming after example {done} of {n_examples}")
+store_dtype = np.dtype(STORE_DTYPE)
+writers = {L: StreamingNpzWriter(p, (n_tokens, d_model), store_dtype,
+                                 state=progress["writers"][str(L)] if progress else None)
+           for L, p in out_paths.items()}
+
+
+def save_progress(examples_done):
+    state = {"fingerprint": fingerprint, "examples_done": examples_done,
+             "writers": {str(L): w.state() for L, w in writers.items()}}
+    tmp = progress_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, progress_path)
+
+
+if not progress:
+    save_progress(0)
+
+# ---- load the weights and run
+t0 = time.time()
+model = lm.load_model(where, device, dtype, DEVICE_MAP)
+print(f"Loaded weights in {time.time() - t0:.1f}s")
+input_device = next(model.parameters()).device
+pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+
+t_start, processed = time.time(), 0
+bar = tqdm(total=n_tokens, initial=int(offsets[done]), unit="tok", desc="extract", smoothing=0.1)
+try:
+    start = done
+    while start < n_examples:
+        end = int(np.searchsorted(offsets, offsets[start] + WINDOW_TOKENS, side="right")) - 1
+        end = min(max(end, start + 1), n_examples)
+        base = int(offsets[start])
+        window = {L: np.empty((int(offsets[end]) - base, d_model), dtype=store_dtype) for L in layers}
+        for batch in lm.length_batches(lengths[start:end], BATCH_TOKENS):
+            batch = batch + start
+            width = int(lengths[batch].max())
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                input_ids[row, :lengths[i]] = torch.from_numpy(ids_per_example[i].astype(np.int64))
+                mask[row, :lengths[i]] = 1
+            hidden = lm.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
+            for L in layers:
+                h = hidden[L].float().cpu().numpy()
+                for row, i in enumerate(batch):
+                    a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
+                    rows = h[row, :lengths[i]]
+                    if not np.isfinite(rows).all():
+                        fail(f"the model produced NaN or inf at layer {L} for the example on line "
+                             f"{example_index[i] + 1} of {DATASET_PATH}; try --dtype=float32")
+                    window[L][a:b] = rows
+                    if store_dtype != np.float32 and not np.isfinite(window[L][a:b]).all():
+                        fail(f"activations at layer {L} for the example on line {example_index[i] + 1} "
+                             f"overflow {STORE_DTYPE}; use --store_dtype=float32")
+            processed += int(lengths[batch].sum())
+            bar.update(int(lengths[batch].sum()))
+        for L in layers:
+            writers[L].append(window[L])
+        save_progress(end)
+        start = end
+    bar.close()
+    elapsed = time.time() - t_start
+
+    # ---- outputs: small arrays and metadata, then the rename that makes each file final
+    for L in layers:
+        meta = {"model": MODEL_NAME, "model_source": where["source"], "layer": L, "hook": f"blocks.{L}.hook_resid_post",
+                "n_layers": n_blocks, "hidden_size": d_model, "dtype": str(dtype).replace("torch.", ""),
+                "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH, "chat_template": use_template,
+                "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256, "text_field": TEXT_FIELD,
+                "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
+                "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
+                "roles": {"0": "special/template (and each example's first token)", "1": "system",
+                          "2": "user", "3": "assistant"},
+                "config": config}
+        arrays = {"offsets": offsets, "token_ids": np.concatenate(ids_per_example),
+                  "token_role": np.concatenate(roles_per_example),
+                  "example_index": np.asarray(example_index, dtype=np.int64),
+                  "meta": np.array(json.dumps(meta))}
+        if label_field is not None:
+            arrays["labels"] = np.asarray(labels, dtype=str)
+        writers[L].finish(arrays)
+    os.remove(progress_path)
+except OSError as e:
+    if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+        fail(f"no space left while writing to {OUTPUT_DIR} ({e.strerror}); free some space or point "
+             f"--output_dir elsewhere and run again: it resumes, and no finished-looking file was left")
+    raise
+
+for L, path in out_paths.items():
+    print(f"Saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB): {n_tokens} tokens × {d_model}")
+rate = processed / elapsed if elapsed > 0 else float("nan")
+print(f"Throughput: {rate:.0f} tokens/s ({processed} tokens in {elapsed:.1f}s)")

@@ -1,0 +1,1 @@
+"""Shared code of the SAE pipeline: configuration, activation files, the language model, SAEs."""

@@ -1,0 +1,192 @@
+"""Activation files: an uncompressed .npz written as a stream, and a reader that memory-maps it.
+
+Layout of `activations_layer{L}.npz` (plain `np.load(path)` reads it with allow_pickle=False):
+    activations   (N_tokens, d)  float16 by default; example i is rows offsets[i]:offsets[i+1]
+    offsets       (N_examples+1,) int64
+    token_ids     (N_tokens,)     int32
+    token_role    (N_tokens,)     int8, see ROLE_*
+    example_index (N_examples,)   int64, 0-based line of the example in the dataset file
+    labels        (N_examples,)   unicode, only when the dataset has labels
+    meta          ()              JSON string: model, layer, dtypes, dataset hash, counts, config
+
+`activations.npy` is the zip's first member and is written with sizes known up front, so rows can be
+appended window by window and the file resumed after a crash: the partial file holds the zip local
+header, the .npy header and the rows so far; `state()` gives the byte count and running CRC-32 to
+persist. `finish()` patches the CRC, appends the small members and the central directory (zip64),
+then renames the partial file to its final name, so a finished-looking file is always complete.
+np.load cannot memory-map inside an .npz; `open_activations` finds the member's data offset and does.
+"""
+import io
+import json
+import os
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+
+ROLE_SPECIAL, ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT = 0, 1, 2, 3
+ROLE_NAMES = {"special": ROLE_SPECIAL, "system": ROLE_SYSTEM, "user": ROLE_USER,
+              "assistant": ROLE_ASSISTANT}
+REQUIRED_KEYS = ("activations", "offsets", "token_ids", "token_role", "example_index", "meta")
+
+_DOS_TIME, _DOS_DATE = 0, (2020 - 1980) << 9 | 1 << 5 | 1  # fixed timestamp: identical runs, identical bytes
+_U32 = 0xFFFFFFFF
+
+
+def _local_header(name: bytes, size: int, crc: int) -> bytes:
+    extra = struct.pack("<HHQQ", 0x0001, 16, size, size)  # zip64: uncompressed, compressed size
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, _DOS_TIME, _DOS_DATE, crc, _U32, _U32,
+                       len(name), len(extra)) + name + extra
+
+
+def _central_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
+    extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, _DOS_TIME, _DOS_DATE, crc,
+                       _U32, _U32, len(name), len(extra), 0, 0, 0, 0, _U32) + name + extra
+
+
+def _npy_header(shape: tuple, dtype: np.dtype) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)})
+    return buf.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.asarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class StreamingNpzWriter:
+    """Append rows of one big array to `final_path + ".partial"`, then add small arrays and rename."""
+
+    def __init__(self, final_path: str, shape: tuple, dtype, state: dict | None = None):
+        self.final_path, self.partial_path = final_path, final_path + ".partial"
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(shape[1:])) * self.dtype.itemsize
+        self.npy_header = _npy_header(self.shape, self.dtype)
+        self.member_size = len(self.npy_header) + self.shape[0] * self.row_bytes
+        self.header = _local_header(b"activations.npy", self.member_size, 0)
+        self.data_start = len(self.header) + len(self.npy_header)
+        if state is None:
+            self.f = open(self.partial_path, "wb")
+            self.f.write(self.header + self.npy_header)
+            self.crc, self.rows = zlib.crc32(self.npy_header), 0
+        else:  # resume: drop whatever was written after the last recorded state
+            self.f = open(self.partial_path, "r+b")
+            self.rows, self.crc = state["rows"], state["crc"]
+            self.f.truncate(self.data_start + self.rows * self.row_bytes)
+            self.f.seek(0, os.SEEK_END)
+
+    def append(self, rows: np.ndarray):
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        assert rows.shape[1:] == self.shape[1:], f"row shape {rows.shape[1:]} != {self.shape[1:]}"
+        assert self.rows + len(rows) <= self.shape[0], "more rows than the declared shape"
+        data = rows.tobytes()
+        self.f.write(data)
+        self.crc = zlib.crc32(data, self.crc)
+        self.rows += len(rows)
+
+    def state(self) -> dict:
+        """Flush to disk and return what a later run needs to resume from here."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        return {"rows": self.rows, "crc": self.crc}
+
+    def finish(self, arrays: dict):
+        """Write the small arrays and the zip directory, then rename to the final path."""
+        assert self.rows == self.shape[0], f"wrote {self.rows} of {self.shape[0]} rows"
+        self.f.seek(14)  # CRC-32 field of the local header
+        self.f.write(struct.pack("<I", self.crc))
+        self.f.seek(0, os.SEEK_END)
+        entries = [(b"activations.npy", self.member_size, self.crc, 0)]
+        for key, array in arrays.items():
+            data, name = _npy_bytes(np.asarray(array)), f"{key}.npy".encode()
+            crc, offset = zlib.crc32(data), self.f.tell()
+            self.f.write(_local_header(name, len(data), crc) + data)
+            entries.append((name, len(data), crc, offset))
+        cd_offset = self.f.tell()
+        central = b"".join(_central_header(*e) for e in entries)
+        eocd64_offset = cd_offset + len(central)
+        n = len(entries)
+        self.f.write(central
+                     + struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, len(central), cd_offset)
+                     + struct.pack("<IIQI", 0x07064B50, 0, eocd64_offset, 1)
+                     + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, min(len(central), _U32), _U32, 0))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.partial_path, self.final_path)
+
+    def close(self):
+        self.f.close()
+
+
+class ActivationFileError(Exception):
+    """The file is missing, truncated or not an activations file; the message says which."""
+
+
+class Activations:
+    """Read-only view of an activations .npz; `activations` is an np.memmap, nothing big is loaded."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise ActivationFileError(f"activations file {path} does not exist; run extract_activations.py "
+                                      f"first or set ACTIVATIONS_PATH to an existing file")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+                missing = [k for k in REQUIRED_KEYS if k not in names]
+                if missing:
+                    raise ActivationFileError(f"{path} lacks {', '.join(missing)}; it is not an activations "
+                                              f"file of this project, re-run extract_activations.py")
+                info = zf.getinfo("activations.npy")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ActivationFileError(f"{path} is compressed; activations must be stored uncompressed "
+                                              f"to be memory-mapped, re-run extract_activations.py")
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+            small = np.load(path, allow_pickle=False)
+            self.offsets = small["offsets"]
+            self.token_ids = small["token_ids"]
+            self.token_role = small["token_role"]
+            self.example_index = small["example_index"]
+            self.labels = small["labels"] if "labels" in names else None
+            self.meta = json.loads(str(small["meta"]))
+        except (zipfile.BadZipFile, EOFError, ValueError, struct.error, OSError) as e:
+            raise ActivationFileError(f"{path} is truncated or corrupt ({e}); delete it and re-run "
+                                      f"extract_activations.py") from None
+        if fortran or len(shape) != 2 or shape[0] != self.offsets[-1]:
+            raise ActivationFileError(f"{path} has activations of shape {shape} that do not match its "
+                                      f"offsets; re-run extract_activations.py")
+        self.activations = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def d(self) -> int:
+        return self.activations.shape[1]
+
+    def example(self, i: int) -> np.ndarray:
+        return self.activations[self.offsets[i]:self.offsets[i + 1]]
+
+
+def open_activations(path: str) -> Activations:
+    return Activations(path)

