@@ -129,6 +129,23 @@ class ActivationFileError(Exception):
     """The file is missing, truncated or not an activations file; the message says which."""
 
 
+def _member_memmap(f, path: str, info: zipfile.ZipInfo) -> np.ndarray:
+    """Memory-map one stored .npy member of the zip (a 0-d or unicode member is read instead)."""
+    f.seek(info.header_offset)
+    name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
+    if fortran or dtype.hasobject:
+        raise ValueError(f"member {info.filename} is not a C-ordered plain array")
+    if not shape or dtype.kind == "U":
+        f.seek(start)
+        return np.lib.format.read_array(f, allow_pickle=False)
+    return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
+
+
 class Activations:
     """Read-only view of an activations .npz; `activations` is an np.memmap, nothing big is loaded."""
 
@@ -139,38 +156,29 @@ class Activations:
                                       f"first or set ACTIVATIONS_PATH to an existing file")
         try:
             with zipfile.ZipFile(path) as zf:
-                names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-                missing = [k for k in REQUIRED_KEYS if k not in names]
-                if missing:
-                    raise ActivationFileError(f"{path} lacks {', '.join(missing)}; it is not an activations "
-                                              f"file of this project, re-run extract_activations.py")
-                info = zf.getinfo("activations.npy")
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise ActivationFileError(f"{path} is compressed; activations must be stored uncompressed "
-                                              f"to be memory-mapped, re-run extract_activations.py")
+                infos = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+            missing = [k for k in REQUIRED_KEYS if k not in infos]
+            if missing:
+                raise ActivationFileError(f"{path} lacks {', '.join(missing)}; it is not an activations "
+                                          f"file of this project, re-run extract_activations.py")
+            if any(i.compress_type != zipfile.ZIP_STORED for i in infos.values()):
+                raise ActivationFileError(f"{path} is compressed; activations must be stored uncompressed "
+                                          f"to be memory-mapped, re-run extract_activations.py")
             with open(path, "rb") as f:
-                f.seek(info.header_offset)
-                name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
-                f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(f)
-                offset = f.tell()
-            small = np.load(path, allow_pickle=False)
-            self.offsets = small["offsets"]
-            self.token_ids = small["token_ids"]
-            self.token_role = small["token_role"]
-            self.example_index = small["example_index"]
-            self.labels = small["labels"] if "labels" in names else None
-            self.meta = json.loads(str(small["meta"]))
+                members = {k: _member_memmap(f, path, info) for k, info in infos.items()}
+            self.offsets = np.asarray(members["offsets"])
+            self.example_index = np.asarray(members["example_index"])
+            self.token_ids, self.token_role = members["token_ids"], members["token_role"]
+            self.labels = np.asarray(members["labels"]) if "labels" in members else None
+            self.meta = json.loads(str(members["meta"]))
         except (zipfile.BadZipFile, EOFError, ValueError, struct.error, OSError) as e:
             raise ActivationFileError(f"{path} is truncated or corrupt ({e}); delete it and re-run "
                                       f"extract_activations.py") from None
-        if fortran or len(shape) != 2 or shape[0] != self.offsets[-1]:
-            raise ActivationFileError(f"{path} has activations of shape {shape} that do not match its "
-                                      f"offsets; re-run extract_activations.py")
-        self.activations = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        self.activations = members["activations"]
+        if self.activations.ndim != 2 or self.activations.shape[0] != self.offsets[-1] or \
+                len(self.token_ids) != self.offsets[-1]:
+            raise ActivationFileError(f"{path} has activations of shape {self.activations.shape} that do not "
+                                      f"match its offsets; re-run extract_activations.py")
 
     @property
     def n_examples(self) -> int:

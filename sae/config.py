@@ -29,9 +29,15 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+_KNOB_LINE = re.compile(r"^([A-Z][A-Z0-9_]*) = ")
+
+
 def knob_names(namespace: dict) -> list[str]:
-    return [k for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, _KNOB_TYPES)]
+    """The constants assigned at the start of a line in the calling script (its config block), not
+    UPPER_CASE names it imported."""
+    with open(namespace["__file__"], encoding="utf-8") as f:
+        names = [m.group(1) for m in map(_KNOB_LINE.match, f) if m]
+    return [k for k in dict.fromkeys(names) if k in namespace and isinstance(namespace[k], _KNOB_TYPES)]
 
 
 def _type_ok(value, default, also) -> bool:
@@ -86,7 +92,7 @@ def describe(path: str) -> str:
     for line in open(path, encoding="utf-8"):
         if re.match(r"^# ----", line):
             lines.append(line.rstrip())
-        elif re.match(r"^[A-Z][A-Z0-9_]* = ", line):
+        elif _KNOB_LINE.match(line):
             lines.append("  --" + line.split(" = ")[0].lower() + " = " + line.split(" = ", 1)[1].rstrip())
     return "\n".join(lines)
 

@@ -86,3 +86,34 @@ def run_script(script: str, *args, cwd=None, check=True, env=None, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def make_activations(path, n_examples=40, d=16, seed=0, labels=True, nan_example=None, length=(5, 30)):
+    """A synthetic activations file in the extraction format (no model needed): sparse features plus
+    noise, a large first token per example, and chat-like token roles."""
+    import numpy as np
+    from sae.activations import StreamingNpzWriter
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(*length, size=n_examples)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    n = int(offsets[-1])
+    atoms = rng.normal(size=(4 * d, d)).astype(np.float32)
+    codes = (rng.random((n, 4 * d)) < 0.05) * rng.random((n, 4 * d))
+    acts = (codes @ atoms + 0.05 * rng.normal(size=(n, d))).astype(np.float32)
+    acts[offsets[:-1]] *= 50  # attention sink
+    roles = np.full(n, 2, dtype=np.int8)
+    roles[offsets[:-1]] = 0
+    roles[offsets[:-1] + 1] = 0
+    if nan_example is not None:
+        acts[offsets[nan_example] + 1, 0] = np.nan
+    w = StreamingNpzWriter(str(path), (n, d), np.float16)
+    w.append(acts)
+    arrays = {"offsets": offsets, "token_ids": rng.integers(0, 100, n).astype(np.int32), "token_role": roles,
+              "example_index": np.arange(n_examples), "meta": np.array(json.dumps(
+                  {"model": "synthetic", "layer": 1, "hook": "blocks.1.hook_resid_post", "hidden_size": d,
+                   "n_examples": n_examples, "n_tokens": n, "dataset_path": "synthetic.jsonl",
+                   "dataset_sha256": "0" * 64, "max_length": 64}))}
+    if labels:
+        arrays["labels"] = np.array(["a", "b", "c", "d"])[np.arange(n_examples) % 4]
+    w.finish(arrays)
+    return str(path)

@@ -1,0 +1,57 @@
+"""Checkpoint files: one naming rule, atomic writes, and loading with a clear error for a bad file.
+
+A checkpoint is a plain dict that `torch.load(path, weights_only=True)` reads: "sae_config" rebuilds the
+model, "state_dict" holds its weights and buffers, plus "config" (the training script's settings),
+"provenance", "metrics", "history" and, while training is unfinished, "resume".
+"""
+import os
+
+import torch
+
+from .model import SparseAutoencoder
+
+FORMAT = "sae-pipeline-checkpoint-1"
+
+
+def checkpoint_path(run_name: str, m: int, k: int, root: str = "checkpoints") -> str:
+    """The one naming rule every script uses: checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt."""
+    return os.path.join(root, run_name, f"SAE_M={m}_K={k}.pt")
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temporary name in the same folder, then rename: never a half-written file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class CheckpointError(Exception):
+    """Missing, unreadable or not one of our checkpoints; the message says which and what to do."""
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[SparseAutoencoder, dict]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"SAE checkpoint {path} does not exist; run train_sae.py first or set "
+                              f"SAE_CHECKPOINT to an existing .pt file")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"SAE checkpoint {path} could not be read ({type(e).__name__}); it is truncated "
+                              f"or not a checkpoint of this project, retrain with train_sae.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an SAE checkpoint of this project (no '{FORMAT}' marker); "
+                              f"point SAE_CHECKPOINT at a file written by train_sae.py")
+    sae = build_sae(ckpt["sae_config"])
+    sae.load_state_dict(ckpt["state_dict"])
+    return sae.to(device).eval(), ckpt
+
+
+def build_sae(sae_config: dict) -> SparseAutoencoder:
+    c = sae_config
+    return SparseAutoencoder(c["d_in"], c["m"], c["k"], aux_k=c["aux_k"], dead_steps=c["dead_steps"],
+                             prefixes=c["prefixes"], batch_topk=c["batch_topk"])

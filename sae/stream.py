@@ -1,0 +1,205 @@
+"""Training data from a memory-mapped activations file: an example-level split, token selection, and
+batches drawn from random chunks of examples through a shuffling mixing buffer (as in FAST).
+
+Only one chunk and one buffer are in memory at a time, so memory does not grow with the file.
+"""
+import queue
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .activations import ROLE_ASSISTANT, ROLE_SPECIAL, Activations
+
+TOKEN_SELECTIONS = {
+    "no_first": "every token but each example's first (the attention sink)",
+    "all": "every token",
+    "no_special": "every token but special and chat-template tokens",
+    "assistant": "assistant-turn tokens only",
+}
+
+
+class NonFiniteActivations(Exception):
+    pass
+
+
+def split_examples(n: int, labels, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Example indices for training and validation; stratified by label when there are labels."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == u) for u in np.unique(labels)]
+    val = []
+    for g in groups:
+        g = rng.permutation(g)
+        val.extend(g[:int(round(len(g) * val_fraction))])
+    val = np.sort(np.asarray(val, dtype=np.int64))
+    train = np.setdiff1d(np.arange(n), val)
+    return train, val
+
+
+def selected(roles: np.ndarray, first: np.ndarray, selection: str) -> np.ndarray:
+    """Boolean mask of tokens trained on, given their roles and whether each is an example's first."""
+    if selection == "all":
+        return np.ones(len(roles), dtype=bool)
+    if selection == "no_first":
+        return ~first
+    if selection == "no_special":
+        return (roles != ROLE_SPECIAL) & ~first
+    if selection == "assistant":
+        return roles == ROLE_ASSISTANT
+    raise ValueError(selection)
+
+
+def _rows_index(acts: Activations, example_ids: np.ndarray) -> np.ndarray:
+    starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
+    if not len(example_ids):
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+
+
+def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[torch.Tensor, np.ndarray]:
+    """(rows float32 (N, D), trained-on mask (N,)) of the given examples, in the order given."""
+    starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
+    if not len(example_ids):
+        return torch.zeros(0, acts.d), np.zeros(0, dtype=bool)
+    raw = np.concatenate([acts.activations[a:b] for a, b in zip(starts, ends)])
+    rows = torch.from_numpy(raw).float()  # torch converts float16 several times faster than numpy
+    if not np.isfinite(rows.numpy()).all():
+        index = _rows_index(acts, example_ids)
+        bad = index[np.flatnonzero(~np.isfinite(rows.numpy()).all(1))[0]]
+        example = int(np.searchsorted(acts.offsets, bad, side="right") - 1)
+        raise NonFiniteActivations(
+            f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "
+            f"of {acts.meta.get('dataset_path')}); re-extract with --store_dtype=float32 or drop that example")
+    lengths = ends - starts
+    first = np.zeros(len(rows), dtype=bool)
+    first[np.cumsum(lengths) - lengths] = True
+    roles = np.concatenate([acts.token_role[a:b] for a, b in zip(starts, ends)])
+    return rows, selected(roles, first, selection)
+
+
+def chunks(acts: Activations, example_ids: np.ndarray, chunk_tokens: int) -> list[np.ndarray]:
+    """Consecutive groups of the given examples holding about chunk_tokens tokens each."""
+    lengths = acts.offsets[example_ids + 1] - acts.offsets[example_ids]
+    bounds = np.searchsorted(np.cumsum(lengths), np.arange(chunk_tokens, lengths.sum(), chunk_tokens))
+    return [c for c in np.split(example_ids, np.unique(bounds)) if len(c)]
+
+
+def count_tokens(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 16):
+    """(trained-on tokens, left-out tokens) of the given examples."""
+    kept = total = 0
+    for c in chunks(acts, np.sort(example_ids), chunk_tokens):
+        index = _rows_index(acts, c)
+        first = np.isin(index, acts.offsets[c])
+        kept += int(selected(acts.token_role[index], first, selection).sum())
+        total += len(index)
+    return kept, total - kept
+
+
+class MixingStream:
+    """Batches of trained-on tokens from random chunks of examples, shuffled in a mixing buffer.
+
+    Each epoch visits every example once, in an order fixed by (seed, epoch), so a resumed run sees
+    the same batches as an uninterrupted one. With `rank`/`world` each process takes every world-th chunk.
+    """
+
+    def __init__(self, acts: Activations, example_ids: np.ndarray, selection: str, batch_size: int,
+                 seed: int, chunk_tokens: int = 4096, buffer_bytes: int = 1 << 26, rank: int = 0, world: int = 1):
+        self.acts, self.example_ids, self.selection = acts, np.asarray(example_ids), selection
+        self.batch_size, self.seed, self.chunk_tokens = batch_size, seed, chunk_tokens
+        # the mixing buffer: 64 MiB of float32 rows, and at least 16 batches
+        self.buffer_tokens = max(buffer_bytes // (4 * acts.d), 16 * batch_size)
+        self.rank, self.world = rank, world
+
+    def epoch(self, epoch: int):
+        """The batches of one epoch, prepared one buffer ahead in a background thread."""
+        return _prefetch(self._batches(epoch))
+
+    def _batches(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.example_ids)
+        parts, held = [], 0
+        for c in chunks(self.acts, order, self.chunk_tokens)[self.rank::self.world]:
+            rows, keep = gather(self.acts, np.sort(c), self.selection)
+            parts.append(rows[torch.from_numpy(keep)])
+            held += int(keep.sum())
+            if held >= self.buffer_tokens:
+                buf = torch.cat(parts)
+                buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
+                n_full = len(buf) // self.batch_size * self.batch_size
+                yield from buf[:n_full].split(self.batch_size)
+                parts, held = [buf[n_full:]], len(buf) - n_full
+        if held:
+            buf = torch.cat(parts)
+            yield from buf[torch.from_numpy(rng.permutation(len(buf)))].split(self.batch_size)
+
+
+def _prefetch(iterator, depth: int = 64):
+    """Run a generator in a daemon thread, `depth` items ahead (numpy and torch release the GIL).
+    Closing the consumer early (break) stops the thread."""
+    q, done, stop = queue.Queue(maxsize=depth), object(), threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                return q.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def work():
+        try:
+            for item in iterator:
+                put(item)
+                if stop.is_set():
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 15):
+    """(rows, trained-on mask, roles, is-first) of the given examples chunk by chunk, in file order."""
+    for c in chunks(acts, np.sort(example_ids), chunk_tokens):
+        rows, keep = gather(acts, c, selection)
+        index = _rows_index(acts, c)
+        yield rows, torch.from_numpy(keep), acts.token_role[index], np.isin(index, acts.offsets[c])
+
+
+class ReconStats:
+    """Running sums for MSE, normalized MSE (against the mean of the same tokens), relative error
+    (against predicting zero: for sets of near-identical tokens, such as first tokens) and L0."""
+
+    def __init__(self, d: int, n_prefixes: int = 1):
+        self.n = 0
+        self.sse = np.zeros(n_prefixes)
+        self.sum_x = np.zeros(d)
+        self.sum_x2 = 0.0
+        self.l0 = 0.0
+
+    def add(self, x_BD: torch.Tensor, recon_PBD: list[torch.Tensor], l0_B: torch.Tensor):
+        if len(x_BD) == 0:
+            return
+        self.n += len(x_BD)
+        self.sse += np.array([F.mse_loss(r, x_BD, reduction="sum").item() for r in recon_PBD])
+        self.sum_x += x_BD.sum(0, dtype=torch.float64).cpu().numpy()
+        self.sum_x2 += x_BD.pow(2).sum(dtype=torch.float64).item()
+        self.l0 += l0_B.sum().item()
+
+    def result(self) -> dict:
+        if self.n == 0:
+            return {"tokens": 0}
+        d = len(self.sum_x)
+        ss_total = self.sum_x2 - (self.sum_x ** 2).sum() / self.n
+        nmse = self.sse / max(ss_total, 1e-12)
+        return {"tokens": self.n, "mse": float(self.sse[-1] / (self.n * d)), "nmse": float(nmse[-1]),
+                "relative_error": float(self.sse[-1] / max(self.sum_x2, 1e-12)),
+                "prefix_nmse": [float(v) for v in nmse], "l0": self.l0 / self.n}

@@ -1,0 +1,178 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae.checkpoint import FORMAT, build_sae, load_checkpoint, save_atomic
+from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes, normalized_mse, sae_loss
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)
+
+
+def make(batch_topk=False, prefixes=None, m=32, k=4, d=12, bias=0.0):
+    sae = SparseAutoencoder(d, m, k, prefixes=prefixes, batch_topk=batch_topk)
+    sae.init_from_data(torch.randn(256, d) * 3)
+    sae.b_enc_M.data.fill_(bias)
+    return sae
+
+
+def dense_reference_loss(sae, x, dead=None):
+    """The HypotheSAEs loss written densely with plain autograd, to check the sparse implementation."""
+    xs = x * sae.scale
+    pre = (xs - sae.b_pre_D) @ sae.W_enc_MD.t() + sae.b_enc_M
+    vals, idx = pre.topk(sae.k, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+    terms = [normalized_mse(codes[:, :p] @ sae.W_dec_MD[:p] + sae.b_pre_D, xs) for p in sae.prefixes]
+    loss = torch.stack(terms).mean()
+    if dead is not None:
+        recon = codes @ sae.W_dec_MD + sae.b_pre_D
+        aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(sae.aux_k, dim=-1)
+        aux_codes = torch.zeros_like(pre).scatter(-1, aux_idx, F.relu(aux_vals))
+        loss = loss + AUX_COEF * normalized_mse(aux_codes @ sae.W_dec_MD, xs - recon.detach())
+    return loss
+
+
+def test_topk_has_exactly_k_nonzeros_per_row():
+    sae = make(bias=5.0)
+    codes = sae.encode(torch.randn(64, 12))
+    assert ((codes > 0).sum(1) == sae.k).all()
+
+
+def test_batch_topk_keeps_k_times_b_per_batch_and_uses_threshold_at_inference():
+    sae = make(batch_topk=True, bias=5.0)
+    x = torch.randn(64, 12)
+    codes = sae.train().encode(x)
+    assert int((codes > 0).sum()) == sae.k * 64
+    assert (codes > 0).sum(1).float().std() > 0, "BatchTopK should vary the count per token"
+    assert sae.threshold > 0
+    sae.eval()
+    pre = sae.pre_acts(x)
+    expected = F.relu(pre) * (pre > sae.threshold)
+    torch.testing.assert_close(sae.encode(x), expected)
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_forward_equals_decode_of_encode(batch_topk):
+    sae = make(batch_topk=batch_topk, prefixes=[8, 32])
+    x = torch.randn(50, 12) * 3
+    for mode in (sae.train, sae.eval):
+        mode()
+        torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefixes", [None, [8, 32], [4, 16, 32]])
+def test_sparse_loss_and_gradients_equal_dense_reference(prefixes):
+    sae = make(prefixes=prefixes)
+    sae.steps_since_fired[::3] = 10_000  # a third of the features dead: aux-K is on
+    x = torch.randn(40, 12) * 3
+    dead = sae.dead_mask()
+    sparse = sae_loss(sae, x, dead)["loss"]
+    sparse_grads = torch.autograd.grad(sparse, list(sae.parameters()))
+    dense = dense_reference_loss(sae, x, dead)
+    dense_grads = torch.autograd.grad(dense, list(sae.parameters()))
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(sae.named_parameters(), sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_one_prefix_matryoshka_equals_plain_topk():
+    torch.manual_seed(1)
+    plain = make(prefixes=None)
+    torch.manual_seed(1)
+    one = make(prefixes=[32])
+    x = torch.randn(30, 12)
+    a, b = sae_loss(plain, x)["loss"], sae_loss(one, x)["loss"]
+    assert a.item() == b.item()
+    a.backward()
+    b.backward()
+    for p, q in zip(plain.parameters(), one.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_unit_norm_decoder_after_a_step():
+    sae = make()
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    sae_loss(sae, torch.randn(30, 12) * 3)["loss"].backward()
+    sae.remove_parallel_grad()
+    assert ((sae.W_dec_MD.grad * sae.W_dec_MD).sum(1).abs() < 1e-5).all(), "gradient has no radial part"
+    opt.step()
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec_MD.norm(dim=1), torch.ones(32))
+
+
+def test_aux_k_gives_gradient_to_dead_features():
+    sae = make()
+    x = torch.randn(30, 12) * 3
+    out = sae_loss(sae, x)
+    fired = torch.zeros(32, dtype=torch.bool)
+    fired[out["idx"][out["vals"] > 0]] = True
+    sae.steps_since_fired[~fired] = 10_000
+    assert sae.dead_mask().any()
+    grad_without = torch.autograd.grad(sae_loss(sae, x)["loss"], sae.W_enc_MD)[0]
+    grad_with = torch.autograd.grad(sae_loss(sae, x, sae.dead_mask())["loss"], sae.W_enc_MD)[0]
+    dead = sae.dead_mask()
+    assert grad_without[dead].abs().sum() == 0
+    assert (grad_with[dead].abs().sum(1) > 0).sum() > 0
+
+
+def test_dead_counter_counts_steps_without_firing():
+    sae = make()
+    idx = torch.tensor([[0, 1]])
+    sae.update_dead(idx, torch.tensor([[1.0, 0.0]]))
+    sae.update_dead(idx, torch.tensor([[1.0, 0.0]]))
+    assert sae.steps_since_fired[0] == 0 and sae.steps_since_fired[1] == 2
+
+
+def test_input_scale_and_config_checks():
+    sae = SparseAutoencoder(12, 32, 4)
+    sample = torch.randn(500, 12) * 7
+    sae.init_from_data(sample)
+    assert abs((sample * sae.scale).pow(2).sum(1).mean().item() - 12) < 1e-3
+    assert default_prefixes(512) == [128, 512]
+    assert "larger than M" in check_config(12, 8, 16, None, 32)
+    assert "strictly increasing" in check_config(12, 32, 4, [16, 8, 32], 8)
+    assert "must end at M=32" in check_config(12, 32, 4, [8, 16], 8)
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_save_load_round_trip_weights_only(tmp_path, batch_topk):
+    sae = make(batch_topk=batch_topk, prefixes=[8, 32])
+    sae.train().encode(torch.randn(64, 12))  # moves the BatchTopK threshold
+    sae.steps_since_fired[3] = 77
+    path = str(tmp_path / "SAE_M=32_K=4.pt")
+    save_atomic({"format": FORMAT, "sae_config": sae.config, "state_dict": sae.state_dict()}, path)
+    ckpt = torch.load(path, weights_only=True)
+    loaded, _ = load_checkpoint(path)
+    assert loaded.config == sae.config and build_sae(ckpt["sae_config"]).config == sae.config
+    for k, v in sae.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    x = torch.randn(20, 12)
+    torch.testing.assert_close(loaded(x), sae.eval()(x))
+
+
+def test_recovers_a_known_sparse_dictionary():
+    """Data made from 48 random unit atoms in 24 dimensions, 3 active per sample; the SAE should find them."""
+    g = torch.Generator().manual_seed(0)
+    d, n_atoms, n = 24, 48, 40_000
+    atoms = F.normalize(torch.randn(n_atoms, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(n_atoms, generator=g)[:3] for _ in range(n)])
+    vals = torch.rand(n, 3, generator=g) + 0.5
+    x = torch.zeros(n, n_atoms).scatter(1, idx, vals) @ atoms
+    sae = SparseAutoencoder(d, 64, 3, dead_steps=50)
+    sae.init_from_data(x[:2000])
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for epoch in range(8):
+        for batch in x[torch.randperm(n, generator=g)].split(256):
+            out = sae_loss(sae, batch, sae.dead_mask())
+            opt.zero_grad()
+            out["loss"].backward()
+            sae.remove_parallel_grad()
+            opt.step()
+            sae.normalize_decoder()
+            sae.update_dead(out["idx"], out["vals"])
+    cos = atoms @ F.normalize(sae.W_dec_MD.detach(), dim=1).t()
+    recovered = (cos.max(1).values > 0.9).float().mean().item()
+    assert recovered >= 0.9, f"recovered {recovered:.0%} of the atoms"

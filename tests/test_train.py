@@ -1,0 +1,137 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_activations, run_script
+from sae.checkpoint import load_checkpoint
+from sae.stream import MixingStream, split_examples
+from sae.activations import open_activations
+
+SMALL = ["--m=16", "--k=4", "--batch_size=32", "--export_saelens=True"]
+
+
+@pytest.fixture(scope="module")
+def acts_path(tmp_path_factory):
+    return make_activations(tmp_path_factory.mktemp("acts") / "activations_layer1.npz", n_examples=60)
+
+
+def train(tmp_path, acts, *args, check=True):
+    return run_script("train_sae.py", f"--activations_path={acts}", *SMALL, *args, cwd=tmp_path, check=check)
+
+
+def test_train_prints_metrics_and_writes_loadable_checkpoint(tmp_path, acts_path):
+    proc = train(tmp_path, acts_path, "--n_epochs=4", "--run_name=t")
+    out = proc.stdout
+    for line in ("Train: ", "Epoch 1/4: train_loss=", "Epoch 4/4:", "Val MSE: ", "Active features/token: 4.00",
+                 "Dead neurons: ", "Matryoshka prefixes: first 4: normalized MSE", "Left-out tokens (no_first): "):
+        assert line in out, line
+    path = tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert "resume" not in ckpt and ckpt["epoch"] == 4 and ckpt["config"]["M"] == 16
+    assert ckpt["provenance"]["activations_sha256"] and ckpt["provenance"]["train_tokens"] == "no_first"
+    assert "steps_since_fired" in ckpt["state_dict"] and "scale" in ckpt["state_dict"]
+    history = ckpt["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"], "the loss should fall"
+    metrics = json.loads((path.parent / "metrics.json").read_text())
+    assert metrics["val_nmse"] == ckpt["metrics"]["val_nmse"] < 1 and metrics["l0"] == pytest.approx(4)
+    best = min(h["val_loss"] for h in history)
+    assert ckpt["metrics"]["best_val_loss"] == best, "the best epoch is the one saved"
+    sae, _ = load_checkpoint(str(path))
+    assert sae.prefixes == [4, 16] and sae.k == 4
+    assert (path.parent / "saelens_M=16_K=4" / "cfg.json").exists()
+
+
+def test_split_is_by_example_and_stratified(acts_path):
+    acts = open_activations(acts_path)
+    train_ids, val_ids = split_examples(acts.n_examples, acts.labels, 0.2, 0)
+    assert not set(train_ids) & set(val_ids) and len(train_ids) + len(val_ids) == acts.n_examples
+    labels, counts = np.unique(acts.labels[val_ids], return_counts=True)
+    assert len(labels) == 4 and (counts == 3).all()
+    # the stream only yields rows of training examples, each once per epoch, without first tokens
+    stream = MixingStream(acts, train_ids, "no_first", 7, seed=0)
+    rows = torch.cat(list(stream.epoch(0)))
+    expected = np.concatenate([np.asarray(acts.example(i))[1:] for i in train_ids]).astype(np.float32)
+    assert sorted(map(tuple, rows.numpy().tolist())) == sorted(map(tuple, expected.tolist()))
+    again = torch.cat(list(stream.epoch(0)))
+    assert torch.equal(rows, again), "an epoch's order is fixed by (seed, epoch)"
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path, acts_path):
+    big = make_activations(tmp_path / "big.npz", n_examples=400, seed=1)
+    args = ["--n_epochs=6", "--patience=100", "--batch_size=8", "--export_saelens=False"]
+    run_script("train_sae.py", f"--activations_path={big}", "--m=16", "--k=4", *args, "--run_name=a",
+               cwd=tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={big}", "--m=16", "--k=4",
+           *args, "--run_name=b"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TQDM_DISABLE="1"))
+    path_b, deadline = tmp_path / "checkpoints" / "b" / "SAE_M=16_K=4.pt", time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if path_b.exists() and torch.load(path_b, weights_only=True)["epoch"] >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert "resume" in torch.load(path_b, weights_only=True)
+    resumed = run_script("train_sae.py", f"--activations_path={big}", "--m=16", "--k=4", *args, "--run_name=b",
+                         "--resume=True", cwd=tmp_path)
+    assert "Resuming" in resumed.stdout
+    a = torch.load(tmp_path / "checkpoints" / "a" / "SAE_M=16_K=4.pt", weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+
+
+def test_batch_topk_trains_and_saves_threshold(tmp_path, acts_path):
+    train(tmp_path, acts_path, "--n_epochs=2", "--use_batch_topk=True", "--run_name=bt", "--use_matryoshka=False")
+    ckpt = torch.load(tmp_path / "checkpoints" / "bt" / "SAE_M=16_K=4.pt", weights_only=True)
+    assert ckpt["state_dict"]["threshold"] > 0 and ckpt["sae_config"]["batch_topk"]
+
+
+def _truncated(tmp_path, acts_path):
+    path = tmp_path / "truncated.npz"
+    data = open(acts_path, "rb").read()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def _foreign(tmp_path, _):
+    path = tmp_path / "foreign.npz"
+    np.savez(path, x=np.zeros(3))
+    return path
+
+
+BAD = [
+    (lambda t, a: t / "nope.npz", [], "does not exist; run extract_activations.py"),
+    (_truncated, [], "is truncated or corrupt"),
+    (_foreign, [], "lacks activations, offsets"),
+    (lambda t, a: a, ["--k=32"], "K=32 is larger than M=16"),
+    (lambda t, a: a, ["--matryoshka_prefixes=[8, 4, 16]"], "must be strictly increasing"),
+    (lambda t, a: a, ["--matryoshka_prefixes=[4, 8]"], "must end at M=16"),
+    (lambda t, a: make_activations(t / "nan.npz", nan_example=7), [], "NaN or inf activations in example 7"),
+    (lambda t, a: make_activations(t / "tiny.npz", n_examples=3, labels=False), [], "too few for a validation split"),
+    (lambda t, a: a, ["--train_tokens=assistant"], "selects no tokens"),
+    (lambda t, a: a, ["--resume=True", "--run_name=none"], "does not exist; drop --resume"),
+]
+
+
+@pytest.mark.parametrize("make_path, args, expected", BAD)
+def test_bad_inputs(tmp_path, acts_path, make_path, args, expected):
+    proc = train(tmp_path, make_path(tmp_path, acts_path), "--n_epochs=1", *args, check=False)
+    assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, acts_path):
+    train(tmp_path, acts_path, "--n_epochs=1", "--run_name=r")
+    shutil.copy(tmp_path / "checkpoints" / "r" / "SAE_M=16_K=4.pt", tmp_path / "keep.pt")
+    proc = train(tmp_path, acts_path, "--n_epochs=2", "--run_name=r", "--resume=True", "--lr=0.01", check=False)
+    assert proc.returncode != 0 and "trained with other settings (LR" in proc.stderr, proc.stderr

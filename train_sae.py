@@ -1,0 +1,252 @@
+"""Train a TopK sparse autoencoder (Matryoshka and BatchTopK variants) on extracted activations.
+
+Train and validation are split by example (stratified by label), never by token. Batches stream from
+the memory-mapped activations file through a shuffling buffer; the whole file is never loaded. The
+best model by validation loss is saved to checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt after every
+epoch (atomically), with everything needed to resume, rebuild and trace it.
+
+    python train_sae.py                                   # after the default extraction: M=256, K=8, CPU
+    python train_sae.py --m=512 --k=16 --use_batch_topk=True
+    python train_sae.py --activations_path=activations/activations_layer16.npz --device=cuda --bf16=True
+    python train_sae.py --resume=True                     # continue an interrupted run
+    python train_sae.py --help                            # every setting with its meaning
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae.activations import ActivationFileError, open_activations
+from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
+from sae.config import configure, fail
+from sae.data import sha256_file
+from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
+from sae.stream import (TOKEN_SELECTIONS, MixingStream, NonFiniteActivations, ReconStats, count_tokens,
+                        eval_batches, split_examples)
+
+# ---- data
+ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
+TRAIN_TOKENS = "no_first"  # "no_first" (skip each example's attention-sink token), "all", "no_special", "assistant"
+VAL_FRACTION = 0.1  # share of examples (not tokens) held out for validation, stratified by label
+# ---- model
+M = 256  # number of features (dictionary size)
+K = 8  # active features per token
+USE_MATRYOSHKA = True  # average the loss over nested prefixes of the features (Bussmann et al. 2025)
+MATRYOSHKA_PREFIXES = None  # increasing, ending at M; None = [M // 4, M]
+USE_BATCH_TOPK = False  # keep the top K·B activations of a batch; a learned threshold at inference
+AUX_K = None  # dead features used by the aux-K loss; None = 2·K
+DEAD_STEPS = 256  # a feature is dead after this many training steps without firing
+# ---- training
+N_EPOCHS = 100  # upper bound; early stopping usually ends sooner
+BATCH_SIZE = 512  # tokens per step
+LR = 5e-4  # Adam learning rate (HypotheSAEs' default)
+GRAD_CLIP = 1.0  # max gradient norm
+PATIENCE = 5  # epochs without a better validation loss before stopping
+SEED = 0  # split, initialisation and data order
+DEVICE = "auto"  # "auto" (CUDA when present), "cpu", "cuda"
+BF16 = False  # bfloat16 autocast on CUDA
+# ---- output
+RUN_NAME = "cognitive_actions"  # checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt
+RESUME = False  # continue from that checkpoint's last epoch
+EXPORT_SAELENS = True  # also write cfg.json + sae_weights.safetensors that SAELens loads as a TopK SAE
+# -----------------------------------------------------------------------------
+config = configure(globals(), also={"MATRYOSHKA_PREFIXES": (list,), "AUX_K": (int,)})
+# -----------------------------------------------------------------------------
+
+# ---- settings check
+if TRAIN_TOKENS not in TOKEN_SELECTIONS:
+    fail(f"TRAIN_TOKENS={TRAIN_TOKENS!r} is not one of {', '.join(TOKEN_SELECTIONS)}")
+prefixes = (MATRYOSHKA_PREFIXES or default_prefixes(M)) if USE_MATRYOSHKA else None
+aux_k = 2 * K if AUX_K is None else AUX_K
+for name, value, low in (("N_EPOCHS", N_EPOCHS, 1), ("BATCH_SIZE", BATCH_SIZE, 1), ("PATIENCE", PATIENCE, 1),
+                         ("DEAD_STEPS", DEAD_STEPS, 1)):
+    if value < low:
+        fail(f"{name}={value} must be at least {low}")
+if not 0 < VAL_FRACTION < 1:
+    fail(f"VAL_FRACTION={VAL_FRACTION} must be between 0 and 1 (e.g. 0.1)")
+device = torch.device("cuda" if DEVICE == "auto" and torch.cuda.is_available() else
+                      "cpu" if DEVICE == "auto" else DEVICE)
+if device.type == "cuda" and not torch.cuda.is_available():
+    fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
+
+# ---- data
+try:
+    acts = open_activations(ACTIVATIONS_PATH)
+except ActivationFileError as e:
+    fail(str(e))
+problem = check_config(acts.d, M, K, prefixes, aux_k)
+if problem:
+    fail(problem)
+train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, SEED)
+if len(val_ids) == 0 or len(train_ids) == 0:
+    fail(f"{ACTIVATIONS_PATH} has {acts.n_examples} examples, too few for a validation split with "
+         f"VAL_FRACTION={VAL_FRACTION}; use more examples or a larger --val_fraction")
+n_train, n_train_left = count_tokens(acts, train_ids, TRAIN_TOKENS)
+n_val, n_val_left = count_tokens(acts, val_ids, TRAIN_TOKENS)
+if n_train == 0 or n_val == 0:
+    fail(f"TRAIN_TOKENS={TRAIN_TOKENS!r} selects no tokens in {'training' if n_train == 0 else 'validation'} "
+         f"examples of {ACTIVATIONS_PATH} (is there an assistant turn?); choose another selection")
+print(f"Activations: {ACTIVATIONS_PATH} ({acts.meta['model']}, layer {acts.meta['layer']}, d={acts.d}, "
+      f"{acts.n_examples} examples, {acts.n_tokens} tokens)")
+print(f"Train: {len(train_ids)} examples, {n_train} tokens; Val: {len(val_ids)} examples, {n_val} tokens "
+      f"(split by example; tokens: {TRAIN_TOKENS} = {TOKEN_SELECTIONS[TRAIN_TOKENS]}, "
+      f"{n_train_left + n_val_left} left out)")
+
+stream = MixingStream(acts, train_ids, TRAIN_TOKENS, BATCH_SIZE, SEED)
+path = checkpoint_path(RUN_NAME, M, K)
+provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activations_bytes": os.path.getsize(ACTIVATIONS_PATH),
+              "activations_sha256": sha256_file(ACTIVATIONS_PATH), "model": acts.meta["model"],
+              "layer": acts.meta["layer"], "hook": acts.meta.get("hook"), "train_tokens": TRAIN_TOKENS,
+              "dataset_path": acts.meta.get("dataset_path"), "dataset_sha256": acts.meta.get("dataset_sha256"),
+              "n_train_examples": len(train_ids), "n_val_examples": len(val_ids),
+              "n_train_tokens": n_train, "n_val_tokens": n_val}
+
+# ---- model, optimizer, and the state to resume from
+torch.manual_seed(SEED)
+sae = SparseAutoencoder(acts.d, M, K, aux_k=aux_k, dead_steps=DEAD_STEPS, prefixes=prefixes,
+                        batch_topk=USE_BATCH_TOPK)
+sample_ids = np.random.default_rng(SEED).permutation(train_ids)
+sample = []
+for b, batch in enumerate(MixingStream(acts, sample_ids[:max(1, len(sample_ids) // 10)], TRAIN_TOKENS,
+                                       8192, SEED).epoch(1 << 30)):  # an order no training epoch uses
+    sample.append(batch)
+    if b >= 3:
+        break
+sae.init_from_data(torch.cat(sample))
+sae.to(device)
+optimizer = torch.optim.Adam(sae.parameters(), lr=LR, fused=device.type in ("cpu", "cuda"))
+start_epoch, best_loss, best_state, bad_epochs, history = 0, math.inf, None, 0, []
+if RESUME:
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        fail(f"RESUME=True but {path} does not exist; drop --resume or check RUN_NAME, M and K")
+    except Exception as e:
+        fail(f"RESUME=True but {path} could not be read ({type(e).__name__}); delete it and train from scratch")
+    mismatch = [k for k in config if k not in ("RESUME", "N_EPOCHS", "DEVICE", "BF16", "EXPORT_SAELENS")
+                and ckpt.get("config", {}).get(k) != config[k]]
+    if ckpt.get("format") != FORMAT or ckpt["sae_config"] != sae.config or mismatch:
+        fail(f"cannot resume from {path}: it was trained with other settings ({', '.join(mismatch) or 'sizes'} "
+             f"differ); use the same settings or drop --resume")
+    if "resume" not in ckpt:
+        print(f"{path} is a finished run (it stopped at epoch {ckpt['epoch']}); nothing to resume")
+        raise SystemExit(0)
+    r = ckpt["resume"]
+    sae.load_state_dict(r["state_dict"])
+    optimizer.load_state_dict(r["optimizer"])
+    start_epoch, best_loss, bad_epochs, history = r["epoch"], r["best_loss"], r["bad_epochs"], ckpt["history"]
+    best_state = ckpt["state_dict"]
+    print(f"Resuming {path} after epoch {start_epoch}")
+
+
+def evaluate(model, ids):
+    """Reconstruction metrics on the trained-on and the left-out tokens of the given examples."""
+    model.eval()
+    kept, left = ReconStats(acts.d, len(model.prefixes)), ReconStats(acts.d, len(model.prefixes))
+    fired = torch.zeros(model.m, dtype=torch.bool)
+    with torch.no_grad():
+        for x, keep, _, _ in eval_batches(acts, ids, TRAIN_TOKENS):
+            x, keep = x.to(device), keep.to(device)
+            idx, vals = model.encode_sparse(x)
+            recons = [r / model.scale for r in model.decode_prefixes(idx, vals)]
+            l0 = (vals > 0).sum(1)
+            kept.add(x[keep].cpu(), [r[keep].cpu() for r in recons], l0[keep].cpu())
+            left.add(x[~keep].cpu(), [r[~keep].cpu() for r in recons], l0[~keep].cpu())
+            fired[idx[keep][vals[keep] > 0].cpu()] = True
+    model.train()
+    out = kept.result()
+    out["never_fired_ratio"] = 1 - fired.float().mean().item()
+    out["left_out"] = left.result()
+    return out
+
+
+def checkpoint(epoch, finished, metrics=None):
+    ckpt = {"format": FORMAT, "config": config, "sae_config": sae.config, "state_dict": best_state,
+            "provenance": provenance, "history": history, "epoch": epoch, "metrics": metrics or {}}
+    if not finished:
+        ckpt["resume"] = {"state_dict": sae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "best_loss": best_loss, "bad_epochs": bad_epochs}
+    save_atomic(ckpt, path)
+
+
+# ---- training
+print(f"SAE: M={M}, K={K}, {'BatchTopK' if USE_BATCH_TOPK else 'TopK'}, Matryoshka prefixes {prefixes}, "
+      f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}")
+steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
+t_start, tokens_seen = time.time(), 0
+autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16 and device.type == "cuda")
+try:
+    for epoch in range(start_epoch, N_EPOCHS):
+        sae.train()
+        losses = []
+        for x in tqdm(stream.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False):
+            x = x.to(device, non_blocking=True)
+            with autocast:
+                out = sae_loss(sae, x, sae.dead_mask())
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            sae.remove_parallel_grad()
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP)
+            optimizer.step()
+            sae.normalize_decoder()
+            sae.update_dead(out["idx"], out["vals"])
+            losses.append(out["loss"].item())
+            tokens_seen += len(x)
+        val = evaluate(sae, val_ids)
+        val_loss = float(np.mean(val["prefix_nmse"]))
+        dead_ratio = sae.dead_mask().float().mean().item()
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+                        "val_nmse": val["nmse"], "dead_ratio": dead_ratio, "l0": val["l0"]})
+        improved = val_loss < best_loss
+        if improved:
+            best_loss, bad_epochs = val_loss, 0
+            best_state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+        else:
+            bad_epochs += 1
+        print(f"Epoch {epoch + 1}/{N_EPOCHS}: train_loss={np.mean(losses):.4f} val_loss={val_loss:.4f} "
+              f"dead_ratio={dead_ratio:.3f}{' *' if improved else ''}", flush=True)
+        stop = bad_epochs >= PATIENCE
+        checkpoint(epoch + 1, finished=False)
+        if stop:
+            print(f"Early stopping: no better validation loss for {PATIENCE} epochs")
+            break
+except NonFiniteActivations as e:
+    fail(str(e))
+elapsed = time.time() - t_start
+
+# ---- final metrics of the best model
+sae.load_state_dict(best_state)
+final = evaluate(sae, val_ids)
+left = final.pop("left_out")
+metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse": final["prefix_nmse"],
+           "l0": final["l0"], "dead_ratio": sae.dead_mask().float().mean().item(),
+           "never_fired_ratio": final["never_fired_ratio"], "left_out": left, "best_val_loss": best_loss,
+           "epochs": len(history), "train_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+           "train_seconds": elapsed}
+print(f"Val MSE: {final['mse']:.6g} (normalized: {final['nmse']:.4f})")
+print(f"Active features/token: {final['l0']:.2f}")
+print(f"Dead neurons: {100 * metrics['dead_ratio']:.1f}% (no firing in the last {DEAD_STEPS} steps); "
+      f"{100 * final['never_fired_ratio']:.1f}% never fire on validation")
+if len(prefixes or []) > 1:
+    print("Matryoshka prefixes: " + ", ".join(f"first {p}: normalized MSE {v:.4f}"
+                                             for p, v in zip(prefixes, final["prefix_nmse"])))
+if left.get("tokens"):
+    print(f"Left-out tokens ({TRAIN_TOKENS}): {left['tokens']} tokens, MSE {left['mse']:.6g} "
+          f"(relative error ‖x − x̂‖²/‖x‖²: {left['relative_error']:.4f}), not trained on")
+print(f"Throughput: {metrics['train_tokens_per_s']:.0f} tokens/s ({tokens_seen} tokens in {elapsed:.1f}s)")
+
+checkpoint(len(history), finished=True, metrics=metrics)
+metrics_path = os.path.join(os.path.dirname(path), "metrics.json")
+with open(metrics_path + ".tmp", "w") as f:
+    json.dump({"checkpoint": path, **metrics, "history": history}, f, indent=2)
+os.replace(metrics_path + ".tmp", metrics_path)
+print(f"Saved {path} and {metrics_path}")
+
+if EXPORT_SAELENS:
+    from sae.saelens import export_saelens
+    folder = export_saelens(sae, os.path.join(os.path.dirname(path), f"saelens_M={M}_K={K}"), acts.meta)
+    print(f"SAELens export: {folder}")
