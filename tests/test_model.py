@@ -176,3 +176,22 @@ def test_recovers_a_known_sparse_dictionary():
     cos = atoms @ F.normalize(sae.W_dec_MD.detach(), dim=1).t()
     recovered = (cos.max(1).values > 0.9).float().mean().item()
     assert recovered >= 0.9, f"recovered {recovered:.0%} of the atoms"
+
+
+def test_saelens_export_reproduces_reconstructions(tmp_path):
+    """SAELens' TopK SAE computes ReLU(TopK((x − b_dec) W_enc + b_enc)) W_dec + b_dec on raw inputs
+    (checked against sae-lens itself by bench/check_saelens_export.py)."""
+    import json
+    from safetensors.torch import load_file
+    from sae.saelens import export_saelens
+    sae = make(prefixes=[8, 32]).eval()
+    folder = export_saelens(sae, str(tmp_path / "saelens"), {"model": "m", "hook": "blocks.1.hook_resid_post"})
+    cfg = json.loads(open(f"{folder}/cfg.json").read())
+    w = load_file(f"{folder}/sae_weights.safetensors")
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", 12, 32, 4)
+    assert w["W_enc"].shape == (12, 32) and w["W_dec"].shape == (32, 12)
+    x = torch.randn(64, 12) * 3
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    vals, idx = pre.topk(cfg["k"], dim=-1)
+    recon = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals)) @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(recon, sae(x), rtol=1e-4, atol=1e-4)
