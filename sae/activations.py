@@ -192,8 +192,22 @@ class Activations:
     def d(self) -> int:
         return self.activations.shape[1]
 
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop as a new array, read with pread: unlike touching the memmap, this leaves no
+        mapped pages behind, so a process's memory does not grow with the file it reads."""
+        a = self.activations
+        nbytes = (stop - start) * a.shape[1] * a.dtype.itemsize
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, nbytes, a.offset + start * a.shape[1] * a.dtype.itemsize)
+        finally:
+            os.close(fd)
+        if len(data) != nbytes:
+            raise ActivationFileError(f"{self.path} is shorter than its header says; re-run extract_activations.py")
+        return np.frombuffer(data, dtype=a.dtype).reshape(stop - start, a.shape[1])
+
     def example(self, i: int) -> np.ndarray:
-        return self.activations[self.offsets[i]:self.offsets[i + 1]]
+        return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
 def open_activations(path: str) -> Activations:

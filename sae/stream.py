@@ -62,7 +62,7 @@ def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[
     starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
     if not len(example_ids):
         return torch.zeros(0, acts.d), np.zeros(0, dtype=bool)
-    raw = np.concatenate([acts.activations[a:b] for a, b in zip(starts, ends)])
+    raw = np.concatenate([acts.read_rows(a, b) for a, b in zip(starts, ends)])
     rows = torch.from_numpy(raw).float()  # torch converts float16 several times faster than numpy
     if not np.isfinite(rows.numpy()).all():
         index = _rows_index(acts, example_ids)

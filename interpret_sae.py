@@ -1,0 +1,284 @@
+"""Interpret a trained SAE: what each feature responds to, how sure we are, how it relates to the labels.
+
+For every example, a feature's activation is its maximum over the example's tokens (those the SAE was
+trained on) and the peak token is kept. Features are selected by prevalence, by label AUROC or by
+index; each gets its top examples with the peak token marked «like this», random non-activating
+examples, its most distinctive peak tokens and its best-matching label. With an OpenAI key or any
+OpenAI-compatible server, an LLM describes each feature and an annotator model scores the description
+on held-out examples (precision, recall, F1). Without one, everything else is still written.
+
+    python interpret_sae.py                                   # after extract_activations.py and train_sae.py
+    OPENAI_API_KEY=sk-... python interpret_sae.py              # with descriptions and scores
+    OPENAI_BASE_URL=http://localhost:8000/v1 python interpret_sae.py --openai_model=Qwen/Qwen2.5-7B-Instruct \
+        --annotator_model=Qwen/Qwen2.5-7B-Instruct            # a local vLLM / Ollama / llama.cpp server
+    python interpret_sae.py --select_by=label_auroc --n_top_neurons=40
+    python interpret_sae.py --select_by=[3, 17, 42]
+
+Every LLM answer is cached beside the outputs (llm_cache.jsonl): a rerun, or a run resumed after a
+crash, never asks (or pays) twice for the same answer.
+"""
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sae import lm
+from sae.activations import ActivationFileError, open_activations
+from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from sae.config import configure, fail
+from sae.data import sha256_file
+from sae.features import auroc, content_text, distinctive_tokens, example_maxima, mark_peak
+from sae.llm import CachedChat
+from sae.report import render
+
+# ---- inputs
+ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
+SAE_CHECKPOINT = None  # None = checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt (the training script's naming rule)
+RUN_NAME = "cognitive_actions"  # used only to derive SAE_CHECKPOINT
+M = 256  # used only to derive SAE_CHECKPOINT
+K = 8  # used only to derive SAE_CHECKPOINT
+DATASET_PATH = "data/cognitive_actions_sample.jsonl"  # must be the dataset the activations came from
+# ---- selection
+N_TOP_NEURONS = 20  # features to interpret
+SELECT_BY = "prevalence"  # "prevalence" (share of examples where it fires), "label_auroc", or a list of indices
+N_EXAMPLES = 20  # top activating examples per feature (and as many non-activating ones)
+CONTEXT_TOKENS = 12  # tokens shown on each side of the peak token
+SEED = 0  # sampling of non-activating examples
+# ---- LLM (OpenAI or any OpenAI-compatible server)
+OPENAI_MODEL = "gpt-4.1"  # writes the descriptions
+ANNOTATOR_MODEL = "gpt-4.1-mini"  # scores them
+OPENAI_BASE_URL = None  # None = $OPENAI_BASE_URL, else OpenAI; e.g. "http://localhost:11434/v1" for Ollama
+SCORE = True  # score each description on held-out examples (precision, recall, F1)
+N_SCORE_EXAMPLES = 10  # held-out activating examples per feature for scoring (and as many non-activating)
+TASK_HINT = "first-person texts showing a cognitive action"  # one line of context about the dataset
+MAX_RETRIES = 5  # per request, on rate limits, timeouts and 5xx, with exponential backoff
+RETRY_BASE_S = 1.0  # first backoff in seconds
+TIMEOUT_S = 60.0  # per request
+N_WORKERS = 8  # requests in flight at once
+DEVICE = "auto"  # for running the SAE: "auto", "cpu", "cuda"
+# ---- outputs
+OUTPUT_CSV = "interpretations.csv"  # one row per selected feature
+REPORT_HTML = "report.html"  # self-contained report (plots inline, no network needed)
+# -----------------------------------------------------------------------------
+config = configure(globals(), also={"SELECT_BY": (list,)})
+# -----------------------------------------------------------------------------
+OFFLINE_NOTE = ("not generated: set OPENAI_API_KEY (or OPENAI_BASE_URL for a local OpenAI-compatible "
+                "server) and rerun to describe features")
+
+# ---- inputs and their consistency
+device = torch.device("cuda" if DEVICE == "auto" and torch.cuda.is_available() else
+                      "cpu" if DEVICE == "auto" else DEVICE)
+ckpt_path = SAE_CHECKPOINT or checkpoint_path(RUN_NAME, M, K)
+try:
+    sae, ckpt = load_checkpoint(ckpt_path, device)
+    acts = open_activations(ACTIVATIONS_PATH)
+except (CheckpointError, ActivationFileError) as e:
+    fail(str(e))
+if sae.d_in != acts.d:
+    fail(f"{ckpt_path} was trained on {sae.d_in}-wide activations but {ACTIVATIONS_PATH} is {acts.d}-wide; "
+         f"use the activations it was trained on (provenance: {ckpt['provenance'].get('activations_path')})")
+if not os.path.isfile(DATASET_PATH):
+    fail(f"dataset {DATASET_PATH} does not exist; set DATASET_PATH to the file the activations came from")
+dataset_sha = sha256_file(DATASET_PATH)
+if acts.meta.get("dataset_sha256") != dataset_sha:
+    fail(f"{DATASET_PATH} is not the dataset {ACTIVATIONS_PATH} was extracted from (sha256 differs; it came "
+         f"from {acts.meta.get('dataset_path')}); set DATASET_PATH to that file or re-extract")
+with open(DATASET_PATH, encoding="utf-8") as f:
+    n_lines = sum(1 for line in f if line.strip())
+if n_lines != acts.n_examples:
+    fail(f"{DATASET_PATH} has {n_lines} examples but {ACTIVATIONS_PATH} has {acts.n_examples}; they do not "
+         f"belong together, re-extract")
+selection = ckpt["provenance"].get("train_tokens", "no_first")
+print(f"SAE: {ckpt_path} (M={sae.m}, K={sae.k}, trained on {selection} tokens of {acts.meta['model']} "
+      f"layer {acts.meta['layer']})")
+print(f"Activations: {ACTIVATIONS_PATH} ({acts.n_examples} examples, {acts.n_tokens} tokens)")
+if isinstance(SELECT_BY, list):
+    bad = [i for i in SELECT_BY if not isinstance(i, int) or not 0 <= i < sae.m]
+    if bad:
+        fail(f"SELECT_BY lists features {bad} that do not exist; indices must be in 0..{sae.m - 1}")
+elif SELECT_BY not in ("prevalence", "label_auroc"):
+    fail(f"SELECT_BY={SELECT_BY!r} must be 'prevalence', 'label_auroc' or a list of feature indices")
+if SELECT_BY == "label_auroc" and acts.labels is None:
+    fail(f"SELECT_BY='label_auroc' needs labels, but {ACTIVATIONS_PATH} has none; use 'prevalence'")
+
+# ---- feature activations per example (streamed through the SAE in chunks)
+t0 = time.time()
+max_NM, peak_NM = example_maxima(sae, acts, selection, device)
+active_NM = max_NM > 0
+prevalence = active_NM.mean(0)
+mean_activation = np.where(active_NM.any(0), max_NM.sum(0) / np.maximum(active_NM.sum(0), 1), 0.0)
+labels = acts.labels
+auroc_LM, label_names = (auroc(max_NM, labels) if labels is not None else (None, []))
+print(f"Feature activations per example computed in {time.time() - t0:.1f}s; "
+      f"{int((prevalence == 0).sum())} of {sae.m} features never fire")
+
+if isinstance(SELECT_BY, list):
+    selected = list(dict.fromkeys(SELECT_BY))
+elif SELECT_BY == "label_auroc":
+    best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.0)
+    selected = [int(i) for i in np.argsort(-best, kind="stable")[:N_TOP_NEURONS]]
+else:
+    order = np.lexsort((-mean_activation, -prevalence))  # most prevalent first, ties by mean activation
+    selected = [int(i) for i in order[:N_TOP_NEURONS] if prevalence[i] > 0]
+
+# ---- examples per feature: top activating (shown), held-out activating and non-activating (scoring)
+try:
+    tokenizer = lm.load_tokenizer(lm.resolve_model(acts.meta["model"]))  # to show tokens as text
+except lm.ModelNotFound as e:
+    fail(f"the tokenizer of {acts.meta['model']} is needed to show examples: {e}")
+token_counts = Counter(np.asarray(acts.token_ids).tolist())
+rng = np.random.default_rng(SEED)
+
+
+def tokens_of(i):
+    a, b = int(acts.offsets[i]), int(acts.offsets[i + 1])
+    return np.asarray(acts.token_ids[a:b]), np.asarray(acts.token_role[a:b])
+
+
+def snippet(i, f):
+    ids, roles = tokens_of(i)
+    return mark_peak(tokenizer, ids, roles, int(peak_NM[i, f]), CONTEXT_TOKENS)
+
+
+def plain(i):
+    ids, roles = tokens_of(i)
+    return content_text(tokenizer, ids, roles, 4 * CONTEXT_TOKENS)
+
+
+features = {}
+for f in selected:
+    order = np.argsort(-max_NM[:, f], kind="stable")
+    firing = order[max_NM[order, f] > 0]
+    silent = np.flatnonzero(~active_NM[:, f])
+    silent = rng.permutation(silent)
+    shown, held_out = firing[:N_EXAMPLES], firing[N_EXAMPLES:N_EXAMPLES + N_SCORE_EXAMPLES]
+    shown_silent = silent[:N_EXAMPLES]
+    held_silent = silent[N_EXAMPLES:N_EXAMPLES + len(held_out)]
+    peak_ids = np.array([tokens_of(i)[0][peak_NM[i, f]] for i in firing])
+    best_label = best_auroc = None
+    if auroc_LM is not None and np.nanmax(auroc_LM[:, f], initial=0.5) > 0.5:  # 0.5: no association
+        c = int(np.nanargmax(auroc_LM[:, f]))
+        best_label, best_auroc = label_names[c], float(auroc_LM[c, f])
+    features[f] = {"shown": [snippet(i, f) for i in shown], "shown_silent": [plain(i) for i in shown_silent],
+                   "held_out": [snippet(i, f) for i in held_out], "held_silent": [plain(i) for i in held_silent],
+                   "top_tokens": distinctive_tokens(peak_ids, token_counts, acts.n_tokens, tokenizer),
+                   "top_label": best_label, "top_label_auroc": best_auroc,
+                   "interpretation": OFFLINE_NOTE, "precision": None, "recall": None, "f1": None}
+
+
+# ---- LLM descriptions and scores
+def describe_prompt(f):
+    d = features[f]
+    active = "\n".join(f"{j + 1}. {s}" for j, s in enumerate(d["shown"]))
+    inactive = "\n".join(f"{j + 1}. {s}" for j, s in enumerate(d["shown_silent"]))
+    return [{"role": "system", "content": "You label features of a sparse autoencoder trained on a language "
+                                          "model's activations. Answer with the description only."},
+            {"role": "user", "content": f"Dataset: {TASK_HINT}.\n\nTexts where the feature is active; the token "
+             f"where it is most active is marked «like this»:\n{active}\n\nTexts where the feature is not active:\n"
+             f"{inactive}\n\nIn one short, concrete phrase (under 15 words), what property do the active texts "
+             f"share that the inactive ones lack?"}]
+
+
+def annotate_prompt(description, text):
+    return [{"role": "system", "content": "You check whether a text matches a description. Answer yes or no."},
+            {"role": "user", "content": f"Description: {description}\n\nText: {text.replace('«', '').replace('»', '')}"
+                                        f"\n\nDoes the text match the description? Answer with one word: yes or no."}]
+
+
+api_key = os.environ.get("OPENAI_API_KEY")
+base_url = OPENAI_BASE_URL or os.environ.get("OPENAI_BASE_URL")
+out_dir = os.path.dirname(os.path.abspath(OUTPUT_CSV))
+os.makedirs(out_dir, exist_ok=True)
+chat, unreachable = None, False
+if api_key or base_url:
+    chat = CachedChat(os.path.join(out_dir, "llm_cache.jsonl"), base_url, api_key, TIMEOUT_S, MAX_RETRIES,
+                      RETRY_BASE_S)
+    print(f"LLM: {OPENAI_MODEL} describes, {ANNOTATOR_MODEL} scores, at {chat.url}")
+    with ThreadPoolExecutor(N_WORKERS) as pool:
+        answers = dict(zip(selected, pool.map(
+            lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60), selected)))
+        for f, answer in answers.items():
+            features[f]["interpretation"] = answer if answer else "failed: no answer from the LLM (see the log)"
+        if SCORE:
+            jobs = [(f, text, truth) for f in selected if answers[f]
+                    for texts, truth in ((features[f]["held_out"], True), (features[f]["held_silent"], False))
+                    for text in texts]
+            votes = list(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
+                                                       temperature=0.0, max_tokens=2), jobs))
+            for f in selected:
+                pairs = [(v.lower().startswith("yes"), truth) for (g, _, truth), v in zip(jobs, votes)
+                         if g == f and v is not None]
+                if not pairs:
+                    continue
+                tp = sum(p and t for p, t in pairs)
+                fp = sum(p and not t for p, t in pairs)
+                fn = sum(t and not p for p, t in pairs)
+                precision = tp / (tp + fp) if tp + fp else 0.0
+                recall = tp / (tp + fn) if tp + fn else 0.0
+                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+                features[f].update(precision=precision, recall=recall, f1=f1)
+    unreachable = chat.unreachable
+    print(chat.summary())
+else:
+    print(f"No OPENAI_API_KEY and no OPENAI_BASE_URL: descriptions {OFFLINE_NOTE.split(': ', 1)[1]}")
+
+# ---- console
+for f in selected:
+    d = features[f]
+    text = "" if d["interpretation"] == OFFLINE_NOTE else f": {d['interpretation']}"
+    score = f" (F1 {d['f1']:.2f})" if d["f1"] is not None else ""
+    label = f"; best label {d['top_label']} (AUROC {d['top_label_auroc']:.2f})" if d["top_label"] else ""
+    print(f"\nNeuron {f} ({100 * prevalence[f]:.1f}% active){text}{score}{label}")
+    tokens = ", ".join(f"{t!r}×{c}" for t, c in d["top_tokens"])
+    if tokens:
+        print(f"  distinctive peak tokens: {tokens}")
+    for s in d["shown"][:3]:
+        print(f"  - {s}")
+
+# ---- outputs (each written to a temporary name, then renamed)
+rows = []
+for f in selected:
+    d = features[f]
+    row = {"neuron_idx": f, "prevalence": float(prevalence[f]), "mean_activation": float(mean_activation[f]),
+           "interpretation": d["interpretation"], "f1": d["f1"], "precision": d["precision"], "recall": d["recall"],
+           "top_label": d["top_label"], "top_label_auroc": d["top_label_auroc"],
+           "top_tokens": "; ".join(f"{t} ({c})" for t, c in d["top_tokens"])}
+    for j in range(5):
+        row[f"top_example_{j + 1}"] = d["shown"][j] if j < len(d["shown"]) else ""
+    rows.append(row)
+columns = ["neuron_idx", "prevalence", "mean_activation", "interpretation", "f1", "precision", "recall", "top_label",
+           "top_label_auroc", "top_tokens"] + [f"top_example_{j}" for j in range(1, 6)]
+pd.DataFrame(rows, columns=columns).to_csv(OUTPUT_CSV + ".tmp", index=False)
+os.replace(OUTPUT_CSV + ".tmp", OUTPUT_CSV)
+
+cards = []
+for f in selected:
+    d = features[f]
+    stats = [f"{100 * prevalence[f]:.1f}% of examples", f"mean activation {mean_activation[f]:.3g}"]
+    if d["f1"] is not None:
+        stats.append(f"F1 {d['f1']:.2f} (precision {d['precision']:.2f}, recall {d['recall']:.2f})")
+    if d["top_label"]:
+        stats.append(f"best label {d['top_label']} (AUROC {d['top_label_auroc']:.2f})")
+    if d["top_tokens"]:
+        stats.append("peak tokens: " + ", ".join(repr(t) for t, _ in d["top_tokens"]))
+    cards.append({"neuron_idx": f, "title": f"Feature {f}", "title_short": f"#{f} {d['top_label'] or ''}",
+                  "interpretation": d["interpretation"], "stats": " · ".join(stats), "examples": d["shown"]})
+llm_note = chat.summary() if chat else f"Descriptions {OFFLINE_NOTE}."
+metrics = dict(ckpt.get("metrics", {}))
+metrics.pop("left_out", None)
+html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
+              {"interpret": config, "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
+              metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note)
+with open(REPORT_HTML + ".tmp", "w", encoding="utf-8") as f:
+    f.write(html)
+os.replace(REPORT_HTML + ".tmp", REPORT_HTML)
+n_described = sum(1 for f in selected if features[f]["interpretation"] not in (OFFLINE_NOTE,)
+                  and not features[f]["interpretation"].startswith("failed"))
+print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described) and {REPORT_HTML}")
+if unreachable:
+    fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "
+         f"descriptions were written ({OUTPUT_CSV}, {REPORT_HTML}); check OPENAI_BASE_URL and rerun")

@@ -1,0 +1,121 @@
+"""A self-contained HTML report: inline SVG plots and CSS, nothing fetched from the network."""
+import html
+import json
+
+import numpy as np
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1,h2{font-weight:600}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 6px}
+.card{border:1px solid #ccc;border-radius:6px;padding:10px 14px;margin:12px 0}
+.card h3{margin:0 0 6px 0;font-size:16px}.muted{color:#777;font-size:13px}
+.ex{font-size:13px;margin:3px 0;padding:3px 6px;background:#f7f7f7;border-radius:3px}
+mark{background:#ffd54f;padding:0 2px}svg text{font-size:11px;font-family:system-ui,sans-serif}
+details{margin:8px 0}pre{white-space:pre-wrap;font-size:12px}"""
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def line_plot(series: dict, width=520, height=220, ylabel="") -> str:
+    """SVG line plot of {name: [values per epoch]}."""
+    series = {k: [v for v in vs] for k, vs in series.items() if vs}
+    if not series:
+        return "<p class=muted>no data</p>"
+    values = np.array([v for vs in series.values() for v in vs], dtype=float)
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    hi = hi if hi > lo else lo + 1
+    n = max(len(vs) for vs in series.values())
+    left, bottom, top, right = 50, 30, 10, 110
+    w, h = width - left - right, height - top - bottom
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    parts = [f'<svg width="{width}" height="{height}" role="img">',
+             f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#999"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#999"/>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{hi:.3g}</text>',
+             f'<text x="{left - 4}" y="{top + h}" text-anchor="end">{lo:.3g}</text>',
+             f'<text x="{left + w / 2}" y="{height - 4}" text-anchor="middle">epoch (1–{n}) {_esc(ylabel)}</text>']
+    for i, (name, vs) in enumerate(series.items()):
+        pts = " ".join(f"{left + (j / max(n - 1, 1)) * w:.1f},{top + h - (v - lo) / (hi - lo) * h:.1f}"
+                       for j, v in enumerate(vs))
+        c = colors[i % len(colors)]
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"/>')
+        parts.append(f'<text x="{left + w + 8}" y="{top + 14 + 16 * i}" fill="{c}">{_esc(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def histogram(values: np.ndarray, bins=20, width=520, height=220, xlabel="") -> str:
+    counts, edges = np.histogram(values, bins=bins, range=(0, max(float(np.max(values)) if len(values) else 1, 1e-9)))
+    left, bottom, top = 40, 30, 10
+    w, h = width - left - 10, height - top - bottom
+    peak = max(int(counts.max()), 1)
+    bw = w / bins
+    parts = [f'<svg width="{width}" height="{height}" role="img">']
+    for i, c in enumerate(counts):
+        bh = c / peak * h
+        parts.append(f'<rect x="{left + i * bw:.1f}" y="{top + h - bh:.1f}" width="{bw - 1:.1f}" height="{bh:.1f}" '
+                     f'fill="#1f77b4"><title>{edges[i]:.3g}–{edges[i + 1]:.3g}: {c}</title></rect>')
+    parts += [f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{peak}</text>',
+              f'<text x="{left}" y="{height - 14}">{edges[0]:.2g}</text>',
+              f'<text x="{left + w}" y="{height - 14}" text-anchor="end">{edges[-1]:.2g}</text>',
+              f'<text x="{left + w / 2}" y="{height - 2}" text-anchor="middle">{_esc(xlabel)}</text>']
+    return "".join(parts) + "</svg>"
+
+
+def heatmap(matrix: np.ndarray, row_names: list, col_names: list, cell=14) -> str:
+    """Rows × columns of values in [0, 1] (AUROC): blue below 0.5, red above."""
+    left, top = 170, 80
+    width, height = left + cell * len(col_names) + 10, top + cell * len(row_names) + 10
+    parts = [f'<svg width="{width}" height="{height}" role="img">']
+    for j, name in enumerate(col_names):
+        x = left + j * cell + cell / 2
+        parts.append(f'<text transform="translate({x},{top - 4}) rotate(-60)">{_esc(name)}</text>')
+    for i, name in enumerate(row_names):
+        parts.append(f'<text x="{left - 4}" y="{top + i * cell + cell - 3}" text-anchor="end">{_esc(name)}</text>')
+        for j in range(len(col_names)):
+            v = matrix[i, j]
+            if np.isnan(v):
+                color = "#eee"
+            else:
+                t = max(-1.0, min(1.0, (v - 0.5) * 2))
+                r, g, b = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t >= 0 else \
+                    (int(255 * (1 + t)), int(255 * (1 + t)), 255)
+                color = f"rgb({r},{g},{b})"
+            parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell - 1}" height="{cell - 1}" '
+                         f'fill="{color}"><title>{_esc(row_names[i])} × {_esc(col_names[j])}: {v:.3f}</title></rect>')
+    return "".join(parts) + "</svg>"
+
+
+def highlight(snippet: str) -> str:
+    """«peak» → <mark>peak</mark>, everything else escaped."""
+    return _esc(snippet).replace("«", "<mark>").replace("»", "</mark>")
+
+
+def render(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
+           auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str) -> str:
+    hist = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
+             f"<p class=muted>{_esc(llm_note)}</p>",
+             "<h2>Training</h2>", line_plot(hist, ylabel="loss"),
+             line_plot({"dead ratio": [h.get("dead_ratio") for h in history]}, ylabel="dead ratio"),
+             "<h2>Metrics</h2><table>"]
+    for k, v in metrics.items():
+        parts.append(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>")
+    parts += ["</table>", "<h2>Feature prevalence</h2>",
+              histogram(prevalence, xlabel="share of examples where the feature fires")]
+    if auroc_LM is not None and len(label_names):
+        rows = [c["title_short"] for c in cards]
+        matrix = np.array([auroc_LM[:, c["neuron_idx"]] for c in cards]) if cards else np.zeros((0, len(label_names)))
+        parts += ["<h2>Label association (AUROC, selected features × labels)</h2>", heatmap(matrix, rows, label_names)]
+    parts.append("<h2>Features</h2>")
+    for c in cards:
+        parts.append("<div class=card>")
+        parts.append(f"<h3>{_esc(c['title'])}</h3><div>{_esc(c['interpretation'])}</div>")
+        parts.append(f"<div class=muted>{_esc(c['stats'])}</div>")
+        for ex in c["examples"]:
+            parts.append(f"<div class=ex>{highlight(ex)}</div>")
+        parts.append("</div>")
+    parts.append(f"<details><summary>Configuration</summary><pre>{_esc(json.dumps(config, indent=2))}</pre></details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,245 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, make_activations, run_script
+from sae import lm
+from sae.activations import open_activations
+from sae.checkpoint import load_checkpoint
+from sae.features import auroc, example_maxima, mark_peak
+
+DESCRIPTION = "a person reflecting on a decision"
+
+
+class FakeOpenAI:
+    """An OpenAI chat-completions server on 127.0.0.1 with scripted failures and a log of requests."""
+
+    def __init__(self, failures=(), delay=0.0):
+        self.failures, self.delay, self.log, self.lock = list(failures), delay, [], threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    status = fake.failures.pop(0) if fake.failures else 200
+                time.sleep(fake.delay)
+                user = body["messages"][-1]["content"]
+                answer = DESCRIPTION if "what property" in user else ("yes" if "«" not in user and
+                                                                      "I " in user else "no")
+                with fake.lock:
+                    fake.log.append((status, json.dumps(body["messages"], sort_keys=True), body["model"]))
+                if status != 200:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps({"error": {"message": "scripted", "type": "x"}}).encode())
+                    return
+                payload = {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": answer}}],
+                           "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}}
+                data = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def statuses(self):
+        return [s for s, _, _ in self.log]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """Extraction and training on the tiny model: (activations path, checkpoint path, dataset path)."""
+    from conftest import tiny_records, write_jsonl
+    root = tmp_path_factory.mktemp("pipeline")
+    dataset = write_jsonl(root / "data.jsonl", tiny_records(40))
+    run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}",
+               f"--output_dir={root / 'acts'}", "--layer_idx=2")
+    acts = str(root / "acts" / "activations_layer2.npz")
+    run_script("train_sae.py", f"--activations_path={acts}", "--m=16", "--k=4", "--n_epochs=3",
+               "--batch_size=64", "--run_name=tiny", cwd=root)
+    return acts, str(root / "checkpoints" / "tiny" / "SAE_M=16_K=4.pt"), dataset
+
+
+def offline_env():
+    return {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+
+
+def interpret(tmp_path, trained, *args, env=None, check=True):
+    acts, ckpt, dataset = trained
+    base = [f"--activations_path={acts}", f"--sae_checkpoint={ckpt}", f"--dataset_path={dataset}",
+            "--n_top_neurons=3", "--n_examples=3", "--n_score_examples=2", "--retry_base_s=0.01", "--n_workers=2",
+            f"--output_csv={tmp_path / 'interpretations.csv'}", f"--report_html={tmp_path / 'report.html'}"]
+    return run_script("interpret_sae.py", *base, *args, cwd=tmp_path, env=env or offline_env(), check=check)
+
+
+def test_offline_run_writes_csv_and_report(tmp_path, trained):
+    proc = interpret(tmp_path, trained)
+    assert proc.stdout.count("rerun to describe features") == 1, "the offline note is printed once"
+    df = pd.read_csv(tmp_path / "interpretations.csv")
+    assert list(df.columns[:10]) == ["neuron_idx", "prevalence", "mean_activation", "interpretation", "f1",
+                                     "precision", "recall", "top_label", "top_label_auroc", "top_tokens"]
+    assert len(df) == 3 and list(df.prevalence) == sorted(df.prevalence, reverse=True)
+    assert df.interpretation.str.startswith("not generated").all() and df.f1.isna().all()
+    assert df.top_example_1.str.contains("«").all()
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<svg") >= 3 and "http://" not in html and "https://" not in html
+    assert "Feature " in html and "<mark>" in html
+
+
+def test_llm_descriptions_scores_retries_and_cache(tmp_path, trained):
+    server = FakeOpenAI(failures=[429, 500, 429])
+    try:
+        env = dict(offline_env(), OPENAI_BASE_URL=server.url)
+        proc = interpret(tmp_path, trained, env=env)
+        statuses = server.statuses()
+        assert statuses.count(429) == 2 and statuses.count(500) == 1, "failed requests were retried"
+        df = pd.read_csv(tmp_path / "interpretations.csv")
+        assert (df.interpretation == DESCRIPTION).all()
+        assert df.f1.between(0, 1).all() and df.precision.notna().all() and df.recall.notna().all()
+        assert "3 retries" in proc.stdout and "answered from the cache" in proc.stdout
+        n_before = len(server.log)
+        again = interpret(tmp_path, trained, env=env)
+        assert len(server.log) == n_before, "a second run makes no request"
+        assert "LLM: 0 requests made" in again.stdout
+        assert pd.read_csv(tmp_path / "interpretations.csv").equals(df)
+    finally:
+        server.close()
+
+
+def test_killed_run_resumes_without_repeating_requests(tmp_path, trained):
+    server = FakeOpenAI(delay=0.2)
+    acts, ckpt, dataset = trained
+    env = dict(offline_env(), OPENAI_BASE_URL=server.url, PYTHONPATH=ROOT, TQDM_DISABLE="1")
+    cmd = [sys.executable, os.path.join(ROOT, "interpret_sae.py"), f"--activations_path={acts}",
+           f"--sae_checkpoint={ckpt}", f"--dataset_path={dataset}", "--n_top_neurons=3", "--n_examples=3",
+           "--n_score_examples=2", "--n_workers=1", f"--output_csv={tmp_path / 'interpretations.csv'}",
+           f"--report_html={tmp_path / 'report.html'}"]
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(server.log) < 5 and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        first = len(server.log)
+        server.delay = 0.0
+        interpret(tmp_path, trained, "--n_workers=1", env=dict(offline_env(), OPENAI_BASE_URL=server.url))
+        answered = [key for status, key, _ in server.log if status == 200]
+        assert len(answered) > first
+        assert len(answered) == len(set(answered)), "no finished request is asked again"
+        assert (pd.read_csv(tmp_path / "interpretations.csv").interpretation == DESCRIPTION).all()
+    finally:
+        server.close()
+
+
+def test_unreachable_server_writes_offline_outputs_and_fails(tmp_path, trained):
+    env = dict(offline_env(), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    proc = interpret(tmp_path, trained, "--max_retries=1", env=env, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "could not reach the LLM server at http://127.0.0.1:9/v1" in proc.stderr
+    assert (tmp_path / "interpretations.csv").exists() and (tmp_path / "report.html").exists()
+
+
+def test_example_maxima_and_peaks_match_brute_force(trained):
+    acts_path, ckpt_path, _ = trained
+    acts = open_activations(acts_path)
+    sae, _ = load_checkpoint(ckpt_path)
+    max_NM, peak_NM = example_maxima(sae, acts, "no_first", chunk_tokens=50)  # many small chunks
+    for i in range(acts.n_examples):
+        x = torch.from_numpy(np.asarray(acts.example(i), dtype=np.float32))
+        with torch.no_grad():
+            codes = sae.encode(x).numpy()
+        codes[0] = 0  # the first token is left out, as in training
+        np.testing.assert_allclose(max_NM[i], codes.max(0), rtol=1e-5, atol=1e-6)
+        fired = codes.max(0) > 0
+        np.testing.assert_array_equal(peak_NM[i][fired], codes.argmax(0)[fired])
+        assert (peak_NM[i][~fired] == -1).all()
+
+
+def test_auroc_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random((40, 3)), 1)  # rounding makes ties
+    scores[:, 2] = 0  # a feature that never fires: AUROC 0.5
+    labels = np.array(["a", "b", "c", "d"])[rng.integers(0, 4, 40)]
+    result, names = auroc(scores, labels)
+    assert names == ["a", "b", "c", "d"]
+    for c, name in enumerate(names):
+        pos, neg = scores[labels == name], scores[labels != name]
+        for f in range(3):
+            pairs = [(p > q) + 0.5 * (p == q) for p in pos[:, f] for q in neg[:, f]]
+            assert result[c, f] == pytest.approx(np.mean(pairs))
+
+
+def test_peak_token_marking(tiny_model):
+    tok = lm.load_tokenizer(lm.resolve_model(tiny_model))
+    messages = [{"role": "user", "content": "I stopped and reconsidered the plan after my sister pointed out the budget."}]
+    ids, roles, _ = lm.tokenize_example(tok, messages, True, 512)
+    content = np.flatnonzero(roles == 2)
+    peak = int(content[4])
+    text = mark_peak(tok, ids, roles, peak, window=2)
+    marked = tok.decode(ids[peak:peak + 1]).strip()
+    assert f"«{marked}»" in text and text.startswith("…") and text.endswith("…")
+    assert "<|im_start|>" not in text, "template tokens are left out around a content peak"
+    assert text.replace("«", "").replace("»", "").replace("…", "").strip() in messages[0]["content"]
+
+
+def _bad_checkpoint(tmp_path, trained):
+    path = tmp_path / "not_sae.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    return [f"--sae_checkpoint={path}"]
+
+
+def _truncated_checkpoint(tmp_path, trained):
+    path = tmp_path / "cut.pt"
+    data = open(trained[1], "rb").read()
+    path.write_bytes(data[:len(data) // 3])
+    return [f"--sae_checkpoint={path}"]
+
+
+def _other_width(tmp_path, trained):
+    acts = make_activations(tmp_path / "other.npz", d=24)
+    return [f"--activations_path={acts}"]
+
+
+def _other_dataset(tmp_path, trained):
+    path = tmp_path / "other.jsonl"
+    path.write_text(open(trained[2]).read() + '{"text": "one more line"}\n')
+    return [f"--dataset_path={path}"]
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda t, tr: [f"--sae_checkpoint={t / 'none.pt'}"], "does not exist; run train_sae.py first"),
+    (_bad_checkpoint, "is not an SAE checkpoint of this project"),
+    (_truncated_checkpoint, "could not be read"),
+    (_other_width, "was trained on 32-wide activations but"),
+    (_other_dataset, "is not the dataset"),
+    (lambda t, tr: ["--select_by=[1, 99]"], "features [99] that do not exist; indices must be in 0..15"),
+])
+def test_bad_inputs(tmp_path, trained, make_args, expected):
+    proc = interpret(tmp_path, trained, *make_args(tmp_path, trained), check=False)
+    assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
