@@ -30,7 +30,7 @@ from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_fi
 from sae import lm
 
 # ---- model
-MODEL_NAME = lm.DEFAULT_MODEL  # Hugging Face id (from the local cache), a local folder, or a .gguf file
+MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # Hugging Face id (from the local cache), a local folder, or a .gguf file
 CACHE_DIR = None  # Hugging Face cache folder to look in; None = the default (~/.cache/huggingface/hub)
 DEVICE = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
 DTYPE = "auto"  # weights and compute: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"

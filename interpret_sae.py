@@ -265,19 +265,21 @@ for f in selected:
         stats.append(f"best label {d['top_label']} (AUROC {d['top_label_auroc']:.2f})")
     if d["top_tokens"]:
         stats.append("peak tokens: " + ", ".join(repr(t) for t, _ in d["top_tokens"]))
-    cards.append({"neuron_idx": f, "title": f"Feature {f}", "title_short": f"#{f} {d['top_label'] or ''}",
-                  "interpretation": d["interpretation"], "stats": " · ".join(stats), "examples": d["shown"]})
+    cards.append({"neuron_idx": f, "title": f"Feature {f}", "interpretation": d["interpretation"], "stats": " · ".join(stats), "examples": d["shown"]})
 llm_note = chat.summary() if chat else f"Descriptions {OFFLINE_NOTE}."
+n_described = sum(1 for f in selected if features[f]["interpretation"] != OFFLINE_NOTE
+                  and not features[f]["interpretation"].startswith("failed"))
 metrics = dict(ckpt.get("metrics", {}))
 metrics.pop("left_out", None)
 html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
               {"interpret": config, "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
-              metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note)
+              metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note,
+              record={"config": config, "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
+                      "llm": chat.url if chat else None, "n_described": n_described,
+                      "n_selected": len(selected)})
 with open(REPORT_HTML + ".tmp", "w", encoding="utf-8") as f:
     f.write(html)
 os.replace(REPORT_HTML + ".tmp", REPORT_HTML)
-n_described = sum(1 for f in selected if features[f]["interpretation"] not in (OFFLINE_NOTE,)
-                  and not features[f]["interpretation"].startswith("failed"))
 print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described) and {REPORT_HTML}")
 if unreachable:
     fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "

@@ -16,7 +16,6 @@ import json
 import re
 import sys
 
-_KNOB_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
 
 
 class ConfigError(Exception):
@@ -32,12 +31,20 @@ def fail(message: str, code: int = 2):
 _KNOB_LINE = re.compile(r"^([A-Z][A-Z0-9_]*) = ")
 
 
-def knob_names(namespace: dict) -> list[str]:
-    """The constants assigned at the start of a line in the calling script (its config block), not
-    UPPER_CASE names it imported."""
-    with open(namespace["__file__"], encoding="utf-8") as f:
-        names = [m.group(1) for m in map(_KNOB_LINE.match, f) if m]
-    return [k for k in dict.fromkeys(names) if k in namespace and isinstance(namespace[k], _KNOB_TYPES)]
+def script_knobs(path: str) -> dict:
+    """The settings of a script and their defaults, read from its source without running it: the
+    UPPER_CASE constants assigned a literal at top level before its `configure(...)` call."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    knobs = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, "id", None) == "configure":
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
+                and _KNOB_LINE.match(node.targets[0].id + " = "):
+            knobs[node.targets[0].id] = ast.literal_eval(node.value)
+    return knobs
 
 
 def _type_ok(value, default, also) -> bool:
@@ -55,6 +62,19 @@ def _type_ok(value, default, also) -> bool:
     return isinstance(value, type(default))
 
 
+def parse_value(raw: str, default):
+    """A command-line value: a Python literal, else the raw string (also for str settings given a number)."""
+    try:
+        value = ast.literal_eval(raw)
+    except (SyntaxError, ValueError):
+        return raw  # an unquoted string such as data/x.jsonl or cuda
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return raw  # e.g. --run_name=2024 stays the string "2024"
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def parse_overrides(args: list[str], defaults: dict, also: dict | None = None) -> dict:
     """Return {NAME: value} for `--name=value` arguments; raise ConfigError on anything wrong."""
     also = also or {}
@@ -69,30 +89,22 @@ def parse_overrides(args: list[str], defaults: dict, also: dict | None = None) -
         if name is None:
             raise ConfigError(f"unknown setting --{key}; valid settings are: "
                               f"{', '.join(k.lower() for k in defaults)}")
-        try:
-            value = ast.literal_eval(raw)
-        except (SyntaxError, ValueError):
-            value = raw  # an unquoted string such as data/x.jsonl or cuda
-        if isinstance(defaults[name], str) and isinstance(value, (int, float)) \
-                and not isinstance(value, bool) and str not in also.get(name, ()):
-            value = raw  # e.g. --run_name=2024 stays the string "2024"
+        value = parse_value(raw, defaults[name])
         if not _type_ok(value, defaults[name], also.get(name, ())):
             allowed = [type(defaults[name]).__name__] + [t.__name__ for t in also.get(name, ())]
             raise ConfigError(f"--{key}={raw} has type {type(value).__name__}, but {name} takes "
                               f"{' or '.join(allowed)} (default {defaults[name]!r})")
-        if isinstance(defaults[name], float) and isinstance(value, int):
-            value = float(value)
         out[name] = value
     return out
 
 
 def describe(path: str) -> str:
     """The script's config block as help text: each constant with its trailing comment."""
-    lines = []
+    lines, knobs = [], script_knobs(path)
     for line in open(path, encoding="utf-8"):
-        if re.match(r"^# ----", line):
+        if re.match(r"^# ----", line) and not re.match(r"^# -{10}", line):
             lines.append(line.rstrip())
-        elif _KNOB_LINE.match(line):
+        elif _KNOB_LINE.match(line) and _KNOB_LINE.match(line).group(1) in knobs:
             lines.append("  --" + line.split(" = ")[0].lower() + " = " + line.split(" = ", 1)[1].rstrip())
     return "\n".join(lines)
 
@@ -105,7 +117,7 @@ def configure(namespace: dict, argv: list[str] | None = None, also: dict | None 
         print("Settings (override with --name=value):")
         print(describe(namespace["__file__"]))
         sys.exit(0)
-    defaults = {k: namespace[k] for k in knob_names(namespace)}
+    defaults = {k: namespace[k] for k in script_knobs(namespace["__file__"])}
     try:
         overrides = parse_overrides(argv, defaults, also)
     except ConfigError as e:

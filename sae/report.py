@@ -64,7 +64,7 @@ def histogram(values: np.ndarray, bins=20, width=520, height=220, xlabel="") -> 
 
 def heatmap(matrix: np.ndarray, row_names: list, col_names: list, cell=14) -> str:
     """Rows × columns of values in [0, 1] (AUROC): blue below 0.5, red above."""
-    left, top = 170, 80
+    left, top = 220, 80
     width, height = left + cell * len(col_names) + 10, top + cell * len(row_names) + 10
     parts = [f'<svg width="{width}" height="{height}" role="img">']
     for j, name in enumerate(col_names):
@@ -82,7 +82,7 @@ def heatmap(matrix: np.ndarray, row_names: list, col_names: list, cell=14) -> st
                     (int(255 * (1 + t)), int(255 * (1 + t)), 255)
                 color = f"rgb({r},{g},{b})"
             parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell - 1}" height="{cell - 1}" '
-                         f'fill="{color}"><title>{_esc(row_names[i])} × {_esc(col_names[j])}: {v:.3f}</title></rect>')
+                         f'fill="{color}" stroke="#ddd"><title>{_esc(row_names[i])} × {_esc(col_names[j])}: {v:.3f}</title></rect>')
     return "".join(parts) + "</svg>"
 
 
@@ -91,8 +91,21 @@ def highlight(snippet: str) -> str:
     return _esc(snippet).replace("«", "<mark>").replace("»", "</mark>")
 
 
+RECORD_ID = "run-record"
+
+
+def read_record(html_text: str) -> dict | None:
+    """The JSON run record embedded by `render` (what made the report), or None."""
+    start = html_text.find(f'<script type="application/json" id="{RECORD_ID}">')
+    if start < 0:
+        return None
+    start = html_text.index(">", start) + 1
+    return json.loads(html_text[start:html_text.index("</script>", start)])  # JSON decodes <\/ itself
+
+
 def render(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
-           auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str) -> str:
+           auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
+           record: dict | None = None) -> str:
     hist = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
@@ -105,9 +118,12 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
     parts += ["</table>", "<h2>Feature prevalence</h2>",
               histogram(prevalence, xlabel="share of examples where the feature fires")]
     if auroc_LM is not None and len(label_names):
-        rows = [c["title_short"] for c in cards]
-        matrix = np.array([auroc_LM[:, c["neuron_idx"]] for c in cards]) if cards else np.zeros((0, len(label_names)))
-        parts += ["<h2>Label association (AUROC, selected features × labels)</h2>", heatmap(matrix, rows, label_names)]
+        best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.0)
+        top = np.argsort(-best, kind="stable")[:30]
+        rows = [f"#{f} {label_names[int(np.nanargmax(auroc_LM[:, f]))]}" if best[f] > 0.5 else f"#{f}" for f in top]
+        parts += ["<h2>Label association</h2><p class=muted>One-vs-rest AUROC of each feature's per-example "
+                  "activation for each label (red: higher for that label, blue: lower), for the 30 features "
+                  "most associated with a label.</p>", heatmap(auroc_LM[:, top].T, rows, label_names)]
     parts.append("<h2>Features</h2>")
     for c in cards:
         parts.append("<div class=card>")
@@ -117,5 +133,8 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
             parts.append(f"<div class=ex>{highlight(ex)}</div>")
         parts.append("</div>")
     parts.append(f"<details><summary>Configuration</summary><pre>{_esc(json.dumps(config, indent=2))}</pre></details>")
+    if record is not None:  # machine-readable: lets run_pipeline.py tell whether the report is up to date
+        blob = json.dumps(record).replace("</", "<\\/")
+        parts.append(f'<script type="application/json" id="{RECORD_ID}">{blob}</script>')
     parts.append("</body></html>")
     return "\n".join(parts)

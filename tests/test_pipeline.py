@@ -1,0 +1,42 @@
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from conftest import run_script, tiny_records, write_jsonl
+from sae.report import read_record
+
+
+def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp_path):
+    dataset = write_jsonl(tmp_path / "data.jsonl", tiny_records(40))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    args = [f"--model_name={tiny_model}", f"--dataset_path={dataset}", f"--output_dir={tmp_path / 'acts'}",
+            "--layer_idx=2", "--m=16", "--k=4", "--n_epochs=2", "--batch_size=64", "--run_name=t",
+            "--n_top_neurons=5", "--n_examples=3"]
+    first = run_script("run_pipeline.py", *args, cwd=tmp_path, env=env)
+    assert first.stdout.count("skipped") == 0 and "==== summary" in first.stdout
+    assert "val normalized MSE" in first.stdout and "5 selected features" in first.stdout
+
+    f = np.load(tmp_path / "acts" / "activations_layer2.npz", allow_pickle=False)
+    assert json.loads(str(f["meta"]))["n_examples"] == 40
+    ckpt = torch.load(tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt", weights_only=True)
+    assert ckpt["config"]["ACTIVATIONS_PATH"].endswith("activations_layer2.npz") and ckpt["metrics"]["l0"] > 0
+    assert len(pd.read_csv(tmp_path / "interpretations.csv")) == 5
+    assert read_record((tmp_path / "report.html").read_text())["config"]["K"] == 4
+
+    second = run_script("run_pipeline.py", *args, cwd=tmp_path, env=env)
+    assert second.stdout.count("up to date, skipped") == 3
+
+    third = run_script("run_pipeline.py", *args, "--k=2", cwd=tmp_path, env=env)
+    assert third.stdout.count("up to date, skipped") == 1 and "extract_activations.py" not in third.stderr
+    assert "==== train done" in third.stdout and "==== interpret done" in third.stdout
+    assert (tmp_path / "checkpoints" / "t" / "SAE_M=16_K=2.pt").exists()
+
+
+def test_pipeline_errors(tiny_model, tmp_path):
+    proc = run_script("run_pipeline.py", "--no_such_knob=1", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "unknown setting --no_such_knob: no script has it" in proc.stderr
+    proc = run_script("run_pipeline.py", f"--model_name={tiny_model}", "--max_length=1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "step 'extract' (extract_activations.py) failed with exit code 2" in proc.stderr
+    assert "MAX_LENGTH=1 is too small" in proc.stderr
