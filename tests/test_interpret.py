@@ -17,6 +17,7 @@ from sae import lm
 from sae.activations import open_activations
 from sae.checkpoint import load_checkpoint
 from sae.features import auroc, example_maxima, mark_peak
+from sae.llm import cache_key
 
 DESCRIPTION = "a person reflecting on a decision"
 
@@ -41,7 +42,7 @@ class FakeOpenAI:
                 answer = DESCRIPTION if "what property" in user else ("yes" if "«" not in user and
                                                                       "I " in user else "no")
                 with fake.lock:
-                    fake.log.append((status, json.dumps(body["messages"], sort_keys=True), body["model"]))
+                    fake.log.append((status, body))
                 if status != 200:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
@@ -64,7 +65,12 @@ class FakeOpenAI:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def statuses(self):
-        return [s for s, _, _ in self.log]
+        return [s for s, _ in self.log]
+
+    def keys(self, start=0):
+        """The cache keys (as the client computes them) of the requests from `start` on."""
+        return [cache_key(b["model"], b["messages"], {k: b[k] for k in ("temperature", "max_tokens")})
+                for _, b in self.log[start:]]
 
     def close(self):
         self.server.shutdown()
@@ -147,11 +153,12 @@ def test_killed_run_resumes_without_repeating_requests(tmp_path, trained):
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
         first = len(server.log)
+        cached = {json.loads(line)["key"] for line in open(tmp_path / "llm_cache.jsonl") if line.endswith("\n")}
+        assert cached, "some answers were cached before the kill"
         server.delay = 0.0
         interpret(tmp_path, trained, "--n_workers=1", env=dict(offline_env(), OPENAI_BASE_URL=server.url))
-        answered = [key for status, key, _ in server.log if status == 200]
-        assert len(answered) > first
-        assert len(answered) == len(set(answered)), "no finished request is asked again"
+        asked_again = set(server.keys(first)) & cached
+        assert len(server.log) > first and not asked_again, "no finished request is asked again"
         assert (pd.read_csv(tmp_path / "interpretations.csv").interpretation == DESCRIPTION).all()
     finally:
         server.close()
