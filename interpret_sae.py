@@ -270,7 +270,6 @@ llm_note = chat.summary() if chat else f"Descriptions {OFFLINE_NOTE}."
 n_described = sum(1 for f in selected if features[f]["interpretation"] != OFFLINE_NOTE
                   and not features[f]["interpretation"].startswith("failed"))
 metrics = dict(ckpt.get("metrics", {}))
-metrics.pop("left_out", None)
 html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
               {"interpret": config, "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
               metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note,

@@ -151,8 +151,9 @@ if os.path.isfile(ckpt_path):
     import torch
     m = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("metrics", {})
     if m:
+        lm_line = f", ΔLM loss {m['lm_eval']['delta_lm_loss_pct']:+.2f}%" if "ce_clean" in m.get("lm_eval", {}) else ""
         print(f"checkpoint    {ckpt_path} ({size(ckpt_path)}): val normalized MSE {m['val_nmse']:.4f}, "
-              f"{m['l0']:.2f} active features/token, {100 * m['dead_ratio']:.1f}% dead, {m['epochs']} epochs")
+              f"{m['l0']:.2f} active features/token, {100 * m['dead_ratio']:.1f}% dead, {m['epochs']} epochs{lm_line}")
 csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
 if os.path.isfile(html):
     record = read_record(open(html, encoding="utf-8").read()) or {}

@@ -26,7 +26,7 @@ from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
 from sae.stream import (TOKEN_SELECTIONS, MixingStream, NonFiniteActivations, ReconStats, count_tokens,
-                        eval_batches, split_examples)
+                        eval_batches, selected, split_examples)
 
 # ---- data
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
@@ -53,6 +53,10 @@ BF16 = False  # bfloat16 autocast on CUDA
 RUN_NAME = "cognitive_actions"  # checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt
 RESUME = False  # continue from that checkpoint's last epoch
 EXPORT_SAELENS = True  # also write cfg.json + sae_weights.safetensors that SAELens loads as a TopK SAE
+# ---- evaluation with the model in the loop
+EVAL_LM = True  # next-token loss with the layer's output replaced by the SAE's reconstruction, on validation examples
+EVAL_MAX_EXAMPLES = 30  # validation examples used for it (each runs the whole model 4 times)
+EVAL_BATCH_TOKENS = 2048  # token budget of one padded batch there (logits are batch × vocabulary)
 # -----------------------------------------------------------------------------
 config = configure(globals(), also={"MATRYOSHKA_PREFIXES": (list,), "AUX_K": (int,)})
 # -----------------------------------------------------------------------------
@@ -116,7 +120,9 @@ for b, batch in enumerate(MixingStream(acts, sample_ids[:max(1, len(sample_ids) 
     sample.append(batch)
     if b >= 3:
         break
-sae.init_from_data(torch.cat(sample))
+sample = torch.cat(sample)
+sae.init_from_data(sample)
+mean_activation_D = sample.mean(0)  # for the mean-ablation baseline of the LM evaluation
 sae.to(device)
 optimizer = torch.optim.Adam(sae.parameters(), lr=LR, fused=device.type in ("cpu", "cuda"))
 start_epoch, best_loss, best_state, bad_epochs, history = 0, math.inf, None, 0, []
@@ -143,13 +149,18 @@ if RESUME:
     print(f"Resuming {path} after epoch {start_epoch}")
 
 
-def evaluate(model, ids):
-    """Reconstruction metrics on the trained-on and the left-out tokens of the given examples."""
+TOKEN_KINDS = ("first", "special", "system", "user", "assistant")  # role codes 0..3, and each example's first token
+
+
+def evaluate(model, ids, by_kind=False):
+    """Reconstruction metrics on the trained-on and the left-out tokens of the given examples, and
+    with by_kind on all their tokens split by kind."""
     model.eval()
     kept, left = ReconStats(acts.d, len(model.prefixes)), ReconStats(acts.d, len(model.prefixes))
+    kinds = {kind: ReconStats(acts.d) for kind in TOKEN_KINDS}
     fired = torch.zeros(model.m, dtype=torch.bool)
     with torch.no_grad():
-        for x, keep, _, _ in eval_batches(acts, ids, TRAIN_TOKENS):
+        for x, keep, roles, first in eval_batches(acts, ids, TRAIN_TOKENS):
             x, keep = x.to(device), keep.to(device)
             idx, vals = model.encode_sparse(x)
             recons = [r / model.scale for r in model.decode_prefixes(idx, vals)]
@@ -157,10 +168,18 @@ def evaluate(model, ids):
             kept.add(x[keep].cpu(), [r[keep].cpu() for r in recons], l0[keep].cpu())
             left.add(x[~keep].cpu(), [r[~keep].cpu() for r in recons], l0[~keep].cpu())
             fired[idx[keep][vals[keep] > 0].cpu()] = True
+            if by_kind:
+                kind = np.where(first, 0, np.asarray(roles, dtype=np.int64) + 1)
+                for k, name in enumerate(TOKEN_KINDS):
+                    sel = torch.from_numpy(kind == k).to(device)
+                    kinds[name].add(x[sel].cpu(), [recons[-1][sel].cpu()], l0[sel].cpu())
     model.train()
     out = kept.result()
     out["never_fired_ratio"] = 1 - fired.float().mean().item()
     out["left_out"] = left.result()
+    if by_kind:
+        out["by_token_kind"] = {name: {k: v for k, v in s.result().items() if k != "prefix_nmse"}
+                                for name, s in kinds.items()}
     return out
 
 
@@ -220,13 +239,13 @@ elapsed = time.time() - t_start
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
-final = evaluate(sae, val_ids)
+final = evaluate(sae, val_ids, by_kind=True)
 left = final.pop("left_out")
 metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse": final["prefix_nmse"],
            "l0": final["l0"], "dead_ratio": sae.dead_mask().float().mean().item(),
            "never_fired_ratio": final["never_fired_ratio"], "left_out": left, "best_val_loss": best_loss,
            "epochs": len(history), "train_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-           "train_seconds": elapsed}
+           "train_seconds": elapsed, "by_token_kind": final["by_token_kind"]}
 print(f"Val MSE: {final['mse']:.6g} (normalized: {final['nmse']:.4f})")
 print(f"Active features/token: {final['l0']:.2f}")
 print(f"Dead neurons: {100 * metrics['dead_ratio']:.1f}% (no firing in the last {DEAD_STEPS} steps); "
@@ -238,6 +257,48 @@ if left.get("tokens"):
     print(f"Left-out tokens ({TRAIN_TOKENS}): {left['tokens']} tokens, MSE {left['mse']:.6g} "
           f"(relative error ‖x − x̂‖²/‖x‖²: {left['relative_error']:.4f}), not trained on")
 print(f"Throughput: {metrics['train_tokens_per_s']:.0f} tokens/s ({tokens_seen} tokens in {elapsed:.1f}s)")
+print("Reconstruction by token kind (all validation tokens):")
+for name, r in final["by_token_kind"].items():
+    if r.get("tokens"):
+        nmse = "n/a (all alike)" if r["nmse"] is None else f"{r['nmse']:.4f}"
+        print(f"  {name:<9} {r['tokens']:>8} tokens  MSE {r['mse']:<10.5g} normalized {nmse:<8} "
+              f"relative {r['relative_error']:<8.4f} L0 {r['l0']:.2f}")
+
+# ---- the SAE in the model: next-token loss with the layer's output replaced by the reconstruction
+if EVAL_LM:
+    from sae import lm
+    try:
+        where = lm.resolve_model(acts.meta["model"], acts.meta.get("config", {}).get("CACHE_DIR"))
+    except lm.ModelNotFound as e:
+        where = None
+        metrics["lm_eval"] = {"skipped": str(e)}
+        print(f"LM evaluation skipped: {e}")
+    if where is not None:
+        model_dtype = lm.pick_dtype(acts.meta.get("config", {}).get("DTYPE", "auto"), device)
+        model = lm.load_model(where, device, model_dtype)
+        chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
+        examples = []
+        for i in chosen:
+            a, b = int(acts.offsets[i]), int(acts.offsets[i + 1])
+            first = np.zeros(b - a, dtype=bool)
+            first[0] = True
+            examples.append((np.asarray(acts.token_ids[a:b]), selected(np.asarray(acts.token_role[a:b]), first,
+                                                                        TRAIN_TOKENS)))
+        sae.eval()
+        t0 = time.time()
+        lm_metrics = lm.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
+                                    EVAL_BATCH_TOKENS)
+        lm_metrics["replaced"] = f"{TRAIN_TOKENS} tokens ({TOKEN_SELECTIONS[TRAIN_TOKENS]}); others keep the model's output"
+        metrics["lm_eval"] = lm_metrics
+        del model
+        print(f"LM evaluation on {len(examples)} validation examples ({lm_metrics['predictions']} next-token "
+              f"predictions, {time.time() - t0:.1f}s): layer {acts.meta['layer']} output replaced at "
+              f"{lm_metrics['replaced_positions']} positions, {lm_metrics['replaced']}")
+        print(f"  CE clean {lm_metrics['ce_clean']:.4f}, with SAE {lm_metrics['ce_sae']:.4f}, zero-ablated "
+              f"{lm_metrics['ce_zero']:.4f}, mean-ablated {lm_metrics['ce_mean']:.4f}")
+        print(f"  ΔLM loss {lm_metrics['delta_lm_loss_pct']:+.2f}%; loss recovered "
+              f"{100 * lm_metrics['frac_recovered_zero']:.1f}% (vs zero), {100 * lm_metrics['frac_recovered_mean']:.1f}% "
+              f"(vs mean); KL(clean ‖ SAE) {lm_metrics['kl_sae']:.4f} nats/token")
 
 checkpoint(len(history), finished=True, metrics=metrics)
 metrics_path = os.path.join(os.path.dirname(path), "metrics.json")

@@ -114,8 +114,34 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
              line_plot({"dead ratio": [h.get("dead_ratio") for h in history]}, ylabel="dead ratio"),
              "<h2>Metrics</h2><table>"]
     for k, v in metrics.items():
+        if k in ("lm_eval", "by_token_kind", "left_out"):
+            continue
         parts.append(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>")
-    parts += ["</table>", "<h2>Feature prevalence</h2>",
+    parts.append("</table>")
+    lm_eval, kinds = metrics.get("lm_eval") or {}, metrics.get("by_token_kind") or {}
+    if "ce_clean" in lm_eval:
+        parts.append("<h2>The SAE in the model</h2><p class=muted>Next-token cross-entropy on "
+                     f"{lm_eval['examples']} validation examples ({lm_eval['predictions']} predictions) with the "
+                     f"layer's output replaced at {_esc(lm_eval.get('replaced', ''))}.</p><table>")
+        rows = [("CE clean", lm_eval["ce_clean"]), ("CE with the SAE", lm_eval["ce_sae"]),
+                ("CE zero-ablated", lm_eval["ce_zero"]), ("CE mean-ablated", lm_eval["ce_mean"]),
+                ("ΔLM loss (%)", lm_eval["delta_lm_loss_pct"]),
+                ("loss recovered vs zero", lm_eval["frac_recovered_zero"]),
+                ("loss recovered vs mean", lm_eval["frac_recovered_mean"]),
+                ("KL(clean ‖ SAE), nats/token", lm_eval["kl_sae"])]
+        parts += [f"<tr><th>{_esc(k)}</th><td>{v:.4f}</td></tr>" for k, v in rows] + ["</table>"]
+    elif "skipped" in lm_eval:
+        parts.append(f"<h2>The SAE in the model</h2><p class=muted>Skipped: {_esc(lm_eval['skipped'])}</p>")
+    if kinds:
+        parts.append("<h2>Reconstruction by token kind</h2><table><tr><th>kind</th><th>tokens</th><th>MSE</th>"
+                     "<th>normalized MSE</th><th>relative error</th><th>L0</th></tr>")
+        for name, r in kinds.items():
+            if r.get("tokens"):
+                nmse = "n/a" if r["nmse"] is None else f"{r['nmse']:.4f}"
+                parts.append(f"<tr><td>{_esc(name)}</td><td>{r['tokens']}</td><td>{r['mse']:.5g}</td><td>{nmse}</td>"
+                             f"<td>{r['relative_error']:.4f}</td><td>{r['l0']:.2f}</td></tr>")
+        parts.append("</table>")
+    parts += ["<h2>Feature prevalence</h2>",
               histogram(prevalence, xlabel="share of examples where the feature fires")]
     if auroc_LM is not None and len(label_names):
         best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.0)

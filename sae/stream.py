@@ -199,7 +199,11 @@ class ReconStats:
             return {"tokens": 0}
         d = len(self.sum_x)
         ss_total = self.sum_x2 - (self.sum_x ** 2).sum() / self.n
-        nmse = self.sse / max(ss_total, 1e-12)
-        return {"tokens": self.n, "mse": float(self.sse[-1] / (self.n * d)), "nmse": float(nmse[-1]),
-                "relative_error": float(self.sse[-1] / max(self.sum_x2, 1e-12)),
-                "prefix_nmse": [float(v) for v in nmse], "l0": self.l0 / self.n}
+        if ss_total <= 1e-6 * self.sum_x2:  # all alike (e.g. first tokens): no variance to normalize by
+            nmse = np.full_like(self.sse, np.nan)
+        else:
+            nmse = self.sse / ss_total
+        nmse = [None if np.isnan(v) else float(v) for v in nmse]  # None, not NaN: metrics.json stays valid JSON
+        return {"tokens": self.n, "mse": float(self.sse[-1] / (self.n * d)), "nmse": nmse[-1],
+                "relative_error": float(self.sse[-1] / max(self.sum_x2, 1e-12)), "prefix_nmse": nmse,
+                "l0": self.l0 / self.n}

@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TEXTS, run_script, tiny_records, write_jsonl
+from sae import lm
+
+
+@pytest.fixture(scope="module")
+def model_and_examples(tiny_model):
+    where = lm.resolve_model(tiny_model)
+    model, tok = lm.load_model(where, torch.device("cpu"), torch.float32), lm.load_tokenizer(where)
+    examples = []
+    for i, text in enumerate(TEXTS):
+        ids, roles, _ = lm.tokenize_example(tok, [{"role": "user", "content": text * (1 + i % 2)}], True, 512)
+        replace = np.ones(len(ids), dtype=bool)
+        replace[0] = False  # no_first
+        examples.append((ids, replace))
+    return model, examples
+
+
+def test_identity_sae_loses_nothing(model_and_examples):
+    model, examples = model_and_examples
+    out = lm.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
+    assert out["delta_lm_loss_pct"] == pytest.approx(0, abs=1e-9)
+    assert out["frac_recovered_zero"] == pytest.approx(1) and out["frac_recovered_mean"] == pytest.approx(1)
+    assert out["kl_sae"] == pytest.approx(0, abs=1e-7) and out["ce_zero"] != out["ce_clean"]
+
+
+def test_zero_ablation_matches_a_hand_made_forward(model_and_examples):
+    model, examples = model_and_examples
+    out = lm.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
+    total = count = 0
+    for ids, replace in examples:
+        mask = torch.from_numpy(replace)
+
+        def zero(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h = h.clone()
+            h[0, mask] = 0
+            return h
+
+        handle = model.model.layers[1].register_forward_hook(zero)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0]
+        handle.remove()
+        target = torch.from_numpy(ids[1:].astype(np.int64))
+        total += F.cross_entropy(logits[:-1], target, reduction="sum").item()
+        count += len(target)
+    assert out["ce_zero"] == pytest.approx(total / count, rel=1e-5)
+    assert out["predictions"] == count
+
+
+def test_train_reports_lm_eval_and_token_kinds_that_add_up(tiny_model, tmp_path):
+    dataset = write_jsonl(tmp_path / "data.jsonl", tiny_records(40))
+    run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}",
+               f"--output_dir={tmp_path / 'acts'}", "--layer_idx=1")
+    proc = run_script("train_sae.py", f"--activations_path={tmp_path / 'acts' / 'activations_layer1.npz'}", "--m=16",
+                      "--k=4", "--n_epochs=2", "--batch_size=64", "--eval_max_examples=2", cwd=tmp_path)
+    assert "ΔLM loss" in proc.stdout and "loss recovered" in proc.stdout and "first" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoints" / "cognitive_actions" / "SAE_M=16_K=4.pt", weights_only=True)
+    lm_eval, kinds = ckpt["metrics"]["lm_eval"], ckpt["metrics"]["by_token_kind"]
+    assert lm_eval["examples"] == 2 and lm_eval["ce_sae"] > 0 and "no_first" in lm_eval["replaced"]
+    used = [k for k in kinds.values() if k["tokens"]]
+    n = sum(k["tokens"] for k in used)
+    kept, left = ckpt["metrics"], ckpt["metrics"]["left_out"]
+    overall_mse = (kept["val_mse"] * ckpt["provenance"]["n_val_tokens"] + left["mse"] * left["tokens"]) / n
+    assert sum(k["mse"] * k["tokens"] for k in used) / n == pytest.approx(overall_mse, rel=1e-5)
+    assert sum(k["l0"] * k["tokens"] for k in used) / n == pytest.approx(4)
+    assert kinds["first"]["tokens"] == ckpt["provenance"]["n_val_examples"]
