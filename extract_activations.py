@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae.activations import StreamingNpzWriter
+from sae import dist
+from sae.activations import StreamingNpzWriter, open_activations
 from sae.config import configure, fail
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 from sae import lm
@@ -83,6 +84,7 @@ dataset_sha256 = sha256_file(DATASET_PATH)
 device = lm.pick_device(DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
+device = dist.setup(device)  # under torchrun: this process's GPU, and the process group
 dtype = lm.pick_dtype(DTYPE, device)
 try:
     where = lm.resolve_model(MODEL_NAME, CACHE_DIR)
@@ -124,112 +126,143 @@ print(f"Sequence lengths: min {lengths.min()}, max {lengths.max()}, mean {length
       f"total tokens {n_tokens}")
 print(f"Truncated to MAX_LENGTH={MAX_LENGTH}: {n_cut_examples} examples ({n_cut_tokens} tokens cut)")
 
-# ---- resume: the progress file records how far each layer's partial file is valid
+# ---- this process's share: all examples, or under torchrun a contiguous range balanced by token count
+rank, world = dist.rank(), dist.world()
+first, last = dist.share_by_tokens(offsets, world)[rank:rank + 2] if world > 1 else (0, n_examples)
 out_paths = {L: os.path.join(OUTPUT_DIR, f"activations_layer{L}.npz") for L in layers}
-progress_path = os.path.join(OUTPUT_DIR, ".extract_progress.json")
+shard = f".rank{rank}of{world}" if world > 1 else ""
+part_paths = {L: (os.path.join(OUTPUT_DIR, f".activations_layer{L}{shard}.npz") if world > 1 else p)
+              for L, p in out_paths.items()}
+progress_path = os.path.join(OUTPUT_DIR, f".extract_progress{shard}.json")
 fingerprint = {k: v for k, v in config.items() if k not in ("BATCH_TOKENS",)}
-fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=layers, format=1)
+fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=layers, share=[first, last], format=1)
+store_dtype = np.dtype(STORE_DTYPE)
+
+
+def small_arrays(a, b, meta_extra):
+    """Everything but the activations for examples a:b, offsets counted from a."""
+    meta = {"model": MODEL_NAME, "model_source": where["source"], "n_layers": n_blocks, "hidden_size": d_model,
+            "dtype": str(dtype).replace("torch.", ""), "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH,
+            "chat_template": use_template, "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256,
+            "text_field": TEXT_FIELD, "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
+            "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
+            "roles": {"0": "special/template (and each example's first token)", "1": "system", "2": "user",
+                      "3": "assistant"}, "config": config, **meta_extra}
+    arrays = {"offsets": offsets[a:b + 1] - offsets[a], "token_ids": np.concatenate(ids_per_example[a:b]),
+              "token_role": np.concatenate(roles_per_example[a:b]),
+              "example_index": np.asarray(example_index[a:b], dtype=np.int64), "meta": np.array(json.dumps(meta))}
+    if label_field is not None:
+        arrays["labels"] = np.asarray(labels[a:b], dtype=str)
+    return arrays
+
+
 progress = None
-if os.path.isfile(progress_path):
+if all(os.path.isfile(p) for p in part_paths.values()) and world > 1:
+    print(f"rank {rank}: share already extracted ({first}..{last})")
+    progress = "finished"
+elif os.path.isfile(progress_path):
     with open(progress_path) as f:
         progress = json.load(f)
     if progress.get("fingerprint") != fingerprint or not all(
-            os.path.isfile(p + ".partial") for p in out_paths.values()):
+            os.path.isfile(p + ".partial") for p in part_paths.values()):
         print("Found an unfinished extraction with other settings or data; starting over")
         progress = None
-done = progress["examples_done"] if progress else 0
-if done:
-    print(f"Resuming after example {done} of {n_examples}")
-store_dtype = np.dtype(STORE_DTYPE)
-writers = {L: StreamingNpzWriter(p, (n_tokens, d_model), store_dtype,
-                                 state=progress["writers"][str(L)] if progress else None)
-           for L, p in out_paths.items()}
+processed, elapsed = 0, 0.0
+if progress != "finished":
+    done = progress["examples_done"] if progress else first
+    if done > first:
+        print(f"Resuming after example {done} of {n_examples}")
+    share_tokens = int(offsets[last] - offsets[first])
+    writers = {L: StreamingNpzWriter(p, (share_tokens, d_model), store_dtype,
+                                     state=progress["writers"][str(L)] if progress else None)
+               for L, p in part_paths.items()}
 
+    def save_progress(examples_done):
+        state = {"fingerprint": fingerprint, "examples_done": examples_done,
+                 "writers": {str(L): w.state() for L, w in writers.items()}}
+        with open(progress_path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(progress_path + ".tmp", progress_path)
 
-def save_progress(examples_done):
-    state = {"fingerprint": fingerprint, "examples_done": examples_done,
-             "writers": {str(L): w.state() for L, w in writers.items()}}
-    tmp = progress_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, progress_path)
+    if not progress:
+        save_progress(first)
 
+    # ---- load the weights and run
+    t0 = time.time()
+    model = lm.load_model(where, device, dtype, DEVICE_MAP)
+    print(f"Loaded weights in {time.time() - t0:.1f}s")
+    input_device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
 
-if not progress:
-    save_progress(0)
-
-# ---- load the weights and run
-t0 = time.time()
-model = lm.load_model(where, device, dtype, DEVICE_MAP)
-print(f"Loaded weights in {time.time() - t0:.1f}s")
-input_device = next(model.parameters()).device
-pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
-
-t_start, processed = time.time(), 0
-bar = tqdm(total=n_tokens, initial=int(offsets[done]), unit="tok", desc="extract", smoothing=0.1)
-try:
-    start = done
-    while start < n_examples:
-        end = int(np.searchsorted(offsets, offsets[start] + WINDOW_TOKENS, side="right")) - 1
-        end = min(max(end, start + 1), n_examples)
-        base = int(offsets[start])
-        window = {L: np.empty((int(offsets[end]) - base, d_model), dtype=store_dtype) for L in layers}
-        for batch in lm.length_batches(lengths[start:end], BATCH_TOKENS):
-            batch = batch + start
-            width = int(lengths[batch].max())
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, :lengths[i]] = torch.from_numpy(ids_per_example[i].astype(np.int64))
-                mask[row, :lengths[i]] = 1
-            hidden = lm.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
-            for L in layers:
-                h = hidden[L].float().cpu().numpy()
+    t_start = time.time()
+    bar = tqdm(total=share_tokens, initial=int(offsets[done] - offsets[first]), unit="tok", desc="extract",
+               smoothing=0.1, disable=rank > 0 or None)
+    try:
+        start = done
+        while start < last:
+            end = int(np.searchsorted(offsets, offsets[start] + WINDOW_TOKENS, side="right")) - 1
+            end = min(max(end, start + 1), last)
+            base = int(offsets[start])
+            window = {L: np.empty((int(offsets[end]) - base, d_model), dtype=store_dtype) for L in layers}
+            for batch in lm.length_batches(lengths[start:end], BATCH_TOKENS):
+                batch = batch + start
+                width = int(lengths[batch].max())
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for row, i in enumerate(batch):
-                    a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
-                    rows = h[row, :lengths[i]]
-                    if not np.isfinite(rows).all():
-                        fail(f"the model produced NaN or inf at layer {L} for the example on line "
-                             f"{example_index[i] + 1} of {DATASET_PATH}; try --dtype=float32")
-                    window[L][a:b] = rows
-                    if store_dtype != np.float32 and not np.isfinite(window[L][a:b]).all():
-                        fail(f"activations at layer {L} for the example on line {example_index[i] + 1} "
-                             f"overflow {STORE_DTYPE}; use --store_dtype=float32")
-            processed += int(lengths[batch].sum())
-            bar.update(int(lengths[batch].sum()))
+                    input_ids[row, :lengths[i]] = torch.from_numpy(ids_per_example[i].astype(np.int64))
+                    mask[row, :lengths[i]] = 1
+                hidden = lm.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
+                for L in layers:
+                    h = hidden[L].float().cpu().numpy()
+                    for row, i in enumerate(batch):
+                        a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
+                        rows = h[row, :lengths[i]]
+                        if not np.isfinite(rows).all():
+                            fail(f"the model produced NaN or inf at layer {L} for the example on line "
+                                 f"{example_index[i] + 1} of {DATASET_PATH}; try --dtype=float32")
+                        window[L][a:b] = rows
+                        if store_dtype != np.float32 and not np.isfinite(window[L][a:b]).all():
+                            fail(f"activations at layer {L} for the example on line {example_index[i] + 1} "
+                                 f"overflow {STORE_DTYPE}; use --store_dtype=float32")
+                processed += int(lengths[batch].sum())
+                bar.update(int(lengths[batch].sum()))
+            for L in layers:
+                writers[L].append(window[L])
+            save_progress(end)
+            start = end
+        bar.close()
+        elapsed = time.time() - t_start
+        # ---- outputs: small arrays and metadata, then the rename that makes each file final
         for L in layers:
-            writers[L].append(window[L])
-        save_progress(end)
-        start = end
-    bar.close()
-    elapsed = time.time() - t_start
+            writers[L].finish(small_arrays(first, last, {"layer": L, "hook": f"blocks.{L}.hook_resid_post"}))
+        os.remove(progress_path)
+    except OSError as e:
+        if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+            fail(f"no space left while writing to {OUTPUT_DIR} ({e.strerror}); free some space or point "
+                 f"--output_dir elsewhere and run again: it resumes, and no finished-looking file was left")
+        raise
 
-    # ---- outputs: small arrays and metadata, then the rename that makes each file final
-    for L in layers:
-        meta = {"model": MODEL_NAME, "model_source": where["source"], "layer": L, "hook": f"blocks.{L}.hook_resid_post",
-                "n_layers": n_blocks, "hidden_size": d_model, "dtype": str(dtype).replace("torch.", ""),
-                "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH, "chat_template": use_template,
-                "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256, "text_field": TEXT_FIELD,
-                "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
-                "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
-                "roles": {"0": "special/template (and each example's first token)", "1": "system",
-                          "2": "user", "3": "assistant"},
-                "config": config}
-        arrays = {"offsets": offsets, "token_ids": np.concatenate(ids_per_example),
-                  "token_role": np.concatenate(roles_per_example),
-                  "example_index": np.asarray(example_index, dtype=np.int64),
-                  "meta": np.array(json.dumps(meta))}
-        if label_field is not None:
-            arrays["labels"] = np.asarray(labels, dtype=str)
-        writers[L].finish(arrays)
-    os.remove(progress_path)
-except OSError as e:
-    if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
-        fail(f"no space left while writing to {OUTPUT_DIR} ({e.strerror}); free some space or point "
-             f"--output_dir elsewhere and run again: it resumes, and no finished-looking file was left")
-    raise
+# ---- under torchrun, rank 0 joins the shares in dataset order
+if world > 1:
+    dist.barrier()
+    if rank == 0:
+        for L, path in out_paths.items():
+            shares = [os.path.join(OUTPUT_DIR, f".activations_layer{L}.rank{r}of{world}.npz") for r in range(world)]
+            writer = StreamingNpzWriter(path, (n_tokens, d_model), store_dtype)
+            for share in shares:
+                part = open_activations(share)
+                for s in range(0, part.n_tokens, WINDOW_TOKENS):
+                    writer.append(part.read_rows(s, min(s + WINDOW_TOKENS, part.n_tokens)))
+            writer.finish(small_arrays(0, n_examples, {"layer": L, "hook": f"blocks.{L}.hook_resid_post"}))
+            for share in shares:
+                os.remove(share)
+    processed, elapsed = dist.sum_and_max(processed, elapsed)
+    dist.barrier()
+    dist.finish()
 
-for L, path in out_paths.items():
-    print(f"Saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB): {n_tokens} tokens × {d_model}")
-rate = processed / elapsed if elapsed > 0 else float("nan")
-print(f"Throughput: {rate:.0f} tokens/s ({processed} tokens in {elapsed:.1f}s)")
+if rank == 0:
+    for L, path in out_paths.items():
+        print(f"Saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB): {n_tokens} tokens × {d_model}")
+    rate = processed / elapsed if elapsed > 0 else float("nan")
+    print(f"Throughput: {rate:.0f} tokens/s ({processed} tokens in {elapsed:.1f}s{f' on {world} processes' if world > 1 else ''})")

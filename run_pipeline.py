@@ -3,6 +3,7 @@
     python run_pipeline.py                                   # SmolLM2-135M-Instruct on the sample data, CPU or GPU
     python run_pipeline.py --layer_idx=18 --m=512 --k=16     # settings go to every script that has them
     python run_pipeline.py --steps=train,interpret --force   # pick steps; --force reruns even when up to date
+    python run_pipeline.py --nproc=2                         # extraction and training on 2 processes (torchrun)
     OPENAI_API_KEY=sk-... python run_pipeline.py             # with LLM descriptions of the features
 
 A `--name=value` setting is passed to every script whose config block has that name (see each script's
@@ -31,7 +32,7 @@ NOT_COMPARED = {"train": {"RESUME"}}  # settings that do not change a finished o
 
 # ---- command line: flags, and settings routed to the scripts that have them
 knobs = {step: script_knobs(os.path.join(ROOT, script)) for step, script in SCRIPTS.items()}
-force, steps, settings = False, list(SCRIPTS), {}
+force, steps, settings, nproc = False, list(SCRIPTS), {}, 1
 for arg in sys.argv[1:]:
     if arg in ("-h", "--help"):
         print(__doc__)
@@ -42,6 +43,11 @@ for arg in sys.argv[1:]:
     if not arg.startswith("--") or "=" not in arg:
         fail(f"argument {arg!r} is not of the form --name=value, --force or --steps=extract,train,interpret")
     name, raw = arg[2:].split("=", 1)
+    if name.lower() == "nproc":
+        if not raw.isdigit() or int(raw) < 1:
+            fail(f"--nproc={raw} must be a positive number of processes")
+        nproc = int(raw)
+        continue
     if name.lower() == "steps":
         steps = [s.strip() for s in raw.split(",") if s.strip()]
         unknown = [s for s in steps if s not in SCRIPTS]
@@ -64,7 +70,7 @@ args = {step: [] for step in SCRIPTS}
 for name, (raw, owners) in settings.items():
     for step in owners:
         config[step][name] = parse_value(raw, knobs[step][name])
-        args[step].append(f"--{name.lower()}={raw}")
+        args[step].append(f"--{name}={raw}")  # upper case: torchrun's parser would claim e.g. --m
 layer = config["extract"]["LAYER_IDX"]
 if not isinstance(layer, int):
     fail(f"--layer_idx={layer} must be one layer for the pipeline; extract several with extract_activations.py")
@@ -76,7 +82,7 @@ for step, explicit in (("train", {"ACTIVATIONS_PATH": acts_path}),
                                       "DATASET_PATH": dataset})):
     for name, value in explicit.items():
         config[step][name] = value
-        args[step].append(f"--{name.lower()}={value}")
+        args[step].append(f"--{name}={value}")
 
 
 def same(a, b) -> bool:
@@ -101,8 +107,8 @@ def up_to_date(step) -> str | None:
         import torch
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         stored = {k: v for k, v in ckpt.get("config", {}).items() if k not in NOT_COMPARED["train"]}
-        if "resume" not in ckpt and same(stored, wanted("train")) and \
-                ckpt["provenance"]["activations_sha256"] == sha256_file(acts_path):
+        if "resume" not in ckpt and same(stored, wanted("train")) and ckpt["provenance"].get("processes", 1) == \
+                nproc and ckpt["provenance"]["activations_sha256"] == sha256_file(acts_path):
             return f"{ckpt_path} is finished, with the same settings and activations"
     else:
         csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
@@ -123,8 +129,11 @@ t_total = time.time()
 for n, step in enumerate(SCRIPTS, 1):
     if step not in steps:
         continue
-    command = [sys.executable, os.path.join(ROOT, SCRIPTS[step]), *args[step]]
-    print(f"\n==== step {n}/3: {step} ({SCRIPTS[step]} {' '.join(args[step])})", flush=True)
+    launcher = [sys.executable]
+    if nproc > 1 and step in ("extract", "train"):  # PyTorch's own launcher; one process per GPU or CPU share
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [*launcher, os.path.join(ROOT, SCRIPTS[step]), *args[step]]
+    print(f"\n==== step {n}/3: {step} ({' '.join(command[1:]).replace(ROOT + os.sep, '')})", flush=True)
     reason = None if force else up_to_date(step)
     if reason:
         print(f"up to date, skipped: {reason}")

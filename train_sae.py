@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sae import dist
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
 from sae.config import configure, fail
@@ -76,6 +77,8 @@ device = torch.device("cuda" if DEVICE == "auto" and torch.cuda.is_available() e
                       "cpu" if DEVICE == "auto" else DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
+device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
+rank, world = dist.rank(), dist.world()
 
 # ---- data
 try:
@@ -100,14 +103,14 @@ print(f"Train: {len(train_ids)} examples, {n_train} tokens; Val: {len(val_ids)} 
       f"(split by example; tokens: {TRAIN_TOKENS} = {TOKEN_SELECTIONS[TRAIN_TOKENS]}, "
       f"{n_train_left + n_val_left} left out)")
 
-stream = MixingStream(acts, train_ids, TRAIN_TOKENS, BATCH_SIZE, SEED)
+stream = MixingStream(acts, train_ids, TRAIN_TOKENS, BATCH_SIZE, SEED, rank=rank, world=world)
 path = checkpoint_path(RUN_NAME, M, K)
 provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activations_bytes": os.path.getsize(ACTIVATIONS_PATH),
               "activations_sha256": sha256_file(ACTIVATIONS_PATH), "model": acts.meta["model"],
               "layer": acts.meta["layer"], "hook": acts.meta.get("hook"), "train_tokens": TRAIN_TOKENS,
               "dataset_path": acts.meta.get("dataset_path"), "dataset_sha256": acts.meta.get("dataset_sha256"),
               "n_train_examples": len(train_ids), "n_val_examples": len(val_ids),
-              "n_train_tokens": n_train, "n_val_tokens": n_val}
+              "n_train_tokens": n_train, "n_val_tokens": n_val, "processes": world}
 
 # ---- model, optimizer, and the state to resume from
 torch.manual_seed(SEED)
@@ -183,7 +186,20 @@ def evaluate(model, ids, by_kind=False):
     return out
 
 
+class _LossModule(torch.nn.Module):
+    """The training loss as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.sae = model
+
+    def forward(self, x, dead):
+        return sae_loss(self.sae, x, dead)
+
+
 def checkpoint(epoch, finished, metrics=None):
+    if rank > 0:  # only rank 0 writes; every process holds the same weights
+        return
     ckpt = {"format": FORMAT, "config": config, "sae_config": sae.config, "state_dict": best_state,
             "provenance": provenance, "history": history, "epoch": epoch, "metrics": metrics or {}}
     if not finished:
@@ -196,29 +212,43 @@ def checkpoint(epoch, finished, metrics=None):
 print(f"SAE: M={M}, K={K}, {'BatchTopK' if USE_BATCH_TOPK else 'TopK'}, Matryoshka prefixes {prefixes}, "
       f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}")
 steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
+trainer = _LossModule(sae)
+if world > 1:  # data parallel: gradients are averaged by DDP, dead-feature counters and BatchTopK thresholds below
+    trainer = torch.nn.parallel.DistributedDataParallel(trainer, broadcast_buffers=False)
+    print(f"Data parallel over {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): effective batch "
+          f"{BATCH_SIZE * world} tokens per step (BATCH_SIZE={BATCH_SIZE} per process), LR {LR}")
 t_start, tokens_seen = time.time(), 0
 autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16 and device.type == "cuda")
 try:
     for epoch in range(start_epoch, N_EPOCHS):
         sae.train()
         losses = []
-        for x in tqdm(stream.epoch(epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False):
+        batches = stream.epoch(epoch)
+        if world > 1:  # every process must take the same number of steps
+            steps = int(-dist.all_reduce([-(stream.n_tokens(epoch) // BATCH_SIZE)], "max")[0])
+            batches = (x for _, x in zip(range(steps), batches))
+        for x in tqdm(batches, total=steps_per_epoch // world, desc=f"epoch {epoch + 1}", leave=False,
+                      disable=rank > 0 or None):
             x = x.to(device, non_blocking=True)
             with autocast:
-                out = sae_loss(sae, x, sae.dead_mask())
+                out = trainer(x, sae.dead_mask())
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             sae.remove_parallel_grad()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP)
             optimizer.step()
             sae.normalize_decoder()
-            sae.update_dead(out["idx"], out["vals"])
+            sae.update_dead(out["idx"], out["vals"], dist.any_process if world > 1 else None)
+            if USE_BATCH_TOPK and world > 1:
+                dist.average_(sae.threshold)
             losses.append(out["loss"].item())
-            tokens_seen += len(x)
+            tokens_seen += len(x) * world
         val = evaluate(sae, val_ids)
         val_loss = float(np.mean(val["prefix_nmse"]))
         dead_ratio = sae.dead_mask().float().mean().item()
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
+        train_loss = float(dist.all_reduce([np.sum(losses), len(losses)]) @ [1, 0] /
+                           max(dist.all_reduce([len(losses)])[0], 1))
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                         "val_nmse": val["nmse"], "dead_ratio": dead_ratio, "l0": val["l0"]})
         improved = val_loss < best_loss
         if improved:
@@ -226,7 +256,7 @@ try:
             best_state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
         else:
             bad_epochs += 1
-        print(f"Epoch {epoch + 1}/{N_EPOCHS}: train_loss={np.mean(losses):.4f} val_loss={val_loss:.4f} "
+        print(f"Epoch {epoch + 1}/{N_EPOCHS}: train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
               f"dead_ratio={dead_ratio:.3f}{' *' if improved else ''}", flush=True)
         stop = bad_epochs >= PATIENCE
         checkpoint(epoch + 1, finished=False)
@@ -236,6 +266,11 @@ try:
 except NonFiniteActivations as e:
     fail(str(e))
 elapsed = time.time() - t_start
+if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
+    dist.barrier()
+    dist.finish()
+    if rank > 0:
+        raise SystemExit(0)
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)

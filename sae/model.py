@@ -198,9 +198,13 @@ class SparseAutoencoder(nn.Module):
         return self.steps_since_fired >= self.dead_steps
 
     @torch.no_grad()
-    def update_dead(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor):
-        """One training step: features that fired reset to 0, the others age by one step."""
-        self.steps_since_fired.add_(1).index_fill_(0, idx_BJ[vals_BJ > 0], 0)
+    def update_dead(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor, combine=None):
+        """One training step: features that fired reset to 0, the others age by one step. `combine`
+        merges the fired mask over data-parallel processes (a feature fired if it fired anywhere)."""
+        fired_M = torch.zeros(self.m, dtype=torch.bool, device=idx_BJ.device).index_fill_(0, idx_BJ[vals_BJ > 0], True)
+        if combine is not None:
+            fired_M = combine(fired_M)
+        self.steps_since_fired.add_(1).masked_fill_(fired_M, 0)
 
     @torch.no_grad()
     def remove_parallel_grad(self):

@@ -78,10 +78,11 @@ def tiny_dataset(tmp_path):
     return write_jsonl(tmp_path / "tiny.jsonl", tiny_records())
 
 
-def run_script(script: str, *args, cwd=None, check=True, env=None, **kw):
-    """Run one of the pipeline scripts as a user would; return the CompletedProcess."""
+def run_script(script: str, *args, cwd=None, check=True, env=None, launcher=(), **kw):
+    """Run one of the pipeline scripts as a user would (through `launcher`, such as torchrun's module,
+    when given); return the CompletedProcess."""
     env = dict(env or os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
