@@ -111,12 +111,12 @@ class MixingStream:
         self.buffer_tokens = max(buffer_bytes // (4 * acts.d), 16 * batch_size)
         self.rank, self.world = rank, world
 
-    def _my_chunks(self, epoch: int, rng) -> list[np.ndarray]:
+    def _my_chunks(self, rng) -> list[np.ndarray]:
         return chunks(self.acts, rng.permutation(self.example_ids), self.chunk_tokens)[self.rank::self.world]
 
     def n_tokens(self, epoch: int) -> int:
         """Trained-on tokens this process will see in that epoch."""
-        mine = self._my_chunks(epoch, np.random.default_rng([self.seed, epoch]))
+        mine = self._my_chunks(np.random.default_rng([self.seed, epoch]))
         return count_tokens(self.acts, np.concatenate(mine), self.selection)[0] if mine else 0
 
     def epoch(self, epoch: int):
@@ -126,7 +126,7 @@ class MixingStream:
     def _batches(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch])
         parts, held = [], 0
-        for c in self._my_chunks(epoch, rng):
+        for c in self._my_chunks(rng):
             rows, keep = gather(self.acts, np.sort(c), self.selection)
             parts.append(rows[torch.from_numpy(keep)])
             held += int(keep.sum())
