@@ -55,10 +55,11 @@ def val_nmse(recon_fn, x_val):
 
 
 def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
+    """train_sae.py with early stopping and the LM evaluation off (so memory is training's own)."""
     cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={acts_path}",
            f"--run_name={run_name}", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}",
            f"--n_epochs={epochs}", f"--patience={epochs}", f"--batch_size={BATCH}", f"--lr={LR}",
-           "--export_saelens=False"]
+           "--export_saelens=False", "--eval_lm=False"]
     if timed:
         cmd = ["/usr/bin/time", "-v"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(),
