@@ -135,13 +135,13 @@ class MixingStream:
                 buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
                 n_full = len(buf) // self.batch_size * self.batch_size
                 yield from buf[:n_full].split(self.batch_size)
-                parts, held = [buf[n_full:]], len(buf) - n_full
+                parts, held = [buf[n_full:].clone()], len(buf) - n_full  # clone: let the old buffer go
         if held:
             buf = torch.cat(parts)
             yield from buf[torch.from_numpy(rng.permutation(len(buf)))].split(self.batch_size)
 
 
-def _prefetch(iterator, depth: int = 64):
+def _prefetch(iterator, depth: int = 16):
     """Run a generator in a daemon thread, `depth` items ahead (numpy and torch release the GIL).
     Closing the consumer early (break) stops the thread."""
     q, done, stop = queue.Queue(maxsize=depth), object(), threading.Event()
