@@ -16,7 +16,6 @@ Killed or out of disk? Run the same command again: it resumes where it stopped.
 """
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -130,10 +129,15 @@ print(f"Truncated to MAX_LENGTH={MAX_LENGTH}: {n_cut_examples} examples ({n_cut_
 rank, world = dist.rank(), dist.world()
 first, last = dist.share_by_tokens(offsets, world)[rank:rank + 2] if world > 1 else (0, n_examples)
 out_paths = {L: os.path.join(OUTPUT_DIR, f"activations_layer{L}.npz") for L in layers}
-shard = f".rank{rank}of{world}" if world > 1 else ""
-part_paths = {L: (os.path.join(OUTPUT_DIR, f".activations_layer{L}{shard}.npz") if world > 1 else p)
-              for L, p in out_paths.items()}
-progress_path = os.path.join(OUTPUT_DIR, f".extract_progress{shard}.json")
+
+
+def share_path(layer, r):
+    """Where process r of a torchrun extraction writes its share of a layer (hidden until joined)."""
+    return os.path.join(OUTPUT_DIR, f".activations_layer{layer}.rank{r}of{world}.npz")
+
+
+part_paths = {L: share_path(L, rank) if world > 1 else p for L, p in out_paths.items()}
+progress_path = os.path.join(OUTPUT_DIR, f".extract_progress{f'.rank{rank}of{world}' if world > 1 else ''}.json")
 fingerprint = {k: v for k, v in config.items() if k not in ("BATCH_TOKENS",)}
 fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=layers, share=[first, last], format=1)
 store_dtype = np.dtype(STORE_DTYPE)
@@ -206,12 +210,7 @@ if progress != "finished":
             window = {L: np.empty((int(offsets[end]) - base, d_model), dtype=store_dtype) for L in layers}
             for batch in lm.length_batches(lengths[start:end], BATCH_TOKENS):
                 batch = batch + start
-                width = int(lengths[batch].max())
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, :lengths[i]] = torch.from_numpy(ids_per_example[i].astype(np.int64))
-                    mask[row, :lengths[i]] = 1
+                input_ids, mask = lm.pad_right([ids_per_example[i] for i in batch], pad_id)
                 hidden = lm.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
                 for L in layers:
                     h = hidden[L].float().cpu().numpy()
@@ -248,7 +247,7 @@ if world > 1:
     dist.barrier()
     if rank == 0:
         for L, path in out_paths.items():
-            shares = [os.path.join(OUTPUT_DIR, f".activations_layer{L}.rank{r}of{world}.npz") for r in range(world)]
+            shares = [share_path(L, r) for r in range(world)]
             writer = StreamingNpzWriter(path, (n_tokens, d_model), store_dtype)
             for share in shares:
                 part = open_activations(share)

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import torch
 
 from sae import lm
 from sae.activations import ActivationFileError, open_activations
@@ -70,8 +69,7 @@ OFFLINE_NOTE = ("not generated: set OPENAI_API_KEY (or OPENAI_BASE_URL for a loc
                 "server) and rerun to describe features")
 
 # ---- inputs and their consistency
-device = torch.device("cuda" if DEVICE == "auto" and torch.cuda.is_available() else
-                      "cpu" if DEVICE == "auto" else DEVICE)
+device = lm.pick_device(DEVICE)
 ckpt_path = SAE_CHECKPOINT or checkpoint_path(RUN_NAME, M, K)
 try:
     sae, ckpt = load_checkpoint(ckpt_path, device)
@@ -127,7 +125,7 @@ else:
 
 # ---- examples per feature: top activating (shown), held-out activating and non-activating (scoring)
 try:
-    tokenizer = lm.load_tokenizer(lm.resolve_model(acts.meta["model"]))  # to show tokens as text
+    tokenizer = lm.load_tokenizer(lm.resolve_from_meta(acts.meta))  # to show tokens as text
 except lm.ModelNotFound as e:
     fail(f"the tokenizer of {acts.meta['model']} is needed to show examples: {e}")
 token_counts = Counter(np.asarray(acts.token_ids).tolist())

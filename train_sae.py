@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae import dist
+from sae import dist, lm
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
 from sae.config import configure, fail
@@ -73,8 +73,7 @@ for name, value, low in (("N_EPOCHS", N_EPOCHS, 1), ("BATCH_SIZE", BATCH_SIZE, 1
         fail(f"{name}={value} must be at least {low}")
 if not 0 < VAL_FRACTION < 1:
     fail(f"VAL_FRACTION={VAL_FRACTION} must be between 0 and 1 (e.g. 0.1)")
-device = torch.device("cuda" if DEVICE == "auto" and torch.cuda.is_available() else
-                      "cpu" if DEVICE == "auto" else DEVICE)
+device = lm.pick_device(DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
@@ -246,8 +245,8 @@ try:
         val = evaluate(sae, val_ids)
         val_loss = float(np.mean(val["prefix_nmse"]))
         dead_ratio = sae.dead_mask().float().mean().item()
-        train_loss = float(dist.all_reduce([np.sum(losses), len(losses)]) @ [1, 0] /
-                           max(dist.all_reduce([len(losses)])[0], 1))
+        loss_sum, n_steps = dist.all_reduce([np.sum(losses), len(losses)])
+        train_loss = float(loss_sum / max(n_steps, 1))
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                         "val_nmse": val["nmse"], "dead_ratio": dead_ratio, "l0": val["l0"]})
         improved = val_loss < best_loss
@@ -301,9 +300,8 @@ for name, r in final["by_token_kind"].items():
 
 # ---- the SAE in the model: next-token loss with the layer's output replaced by the reconstruction
 if EVAL_LM:
-    from sae import lm
     try:
-        where = lm.resolve_model(acts.meta["model"], acts.meta.get("config", {}).get("CACHE_DIR"))
+        where = lm.resolve_from_meta(acts.meta)
     except lm.ModelNotFound as e:
         where = None
         metrics["lm_eval"] = {"skipped": str(e)}

@@ -179,6 +179,11 @@ class Activations:
                 len(self.token_ids) != self.offsets[-1]:
             raise ActivationFileError(f"{path} has activations of shape {self.activations.shape} that do not "
                                       f"match its offsets; re-run extract_activations.py")
+        self._fd = os.open(path, os.O_RDONLY)  # for read_rows; pread is safe from several threads
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     @property
     def n_examples(self) -> int:
@@ -197,11 +202,7 @@ class Activations:
         mapped pages behind, so a process's memory does not grow with the file it reads."""
         a = self.activations
         nbytes = (stop - start) * a.shape[1] * a.dtype.itemsize
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, nbytes, a.offset + start * a.shape[1] * a.dtype.itemsize)
-        finally:
-            os.close(fd)
+        data = os.pread(self._fd, nbytes, a.offset + start * a.shape[1] * a.dtype.itemsize)
         if len(data) != nbytes:
             raise ActivationFileError(f"{self.path} is shorter than its header says; re-run extract_activations.py")
         return np.frombuffer(data, dtype=a.dtype).reshape(stop - start, a.shape[1])

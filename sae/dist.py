@@ -50,8 +50,10 @@ def all_reduce(values, op="sum") -> np.ndarray:
     """Element-wise sum or max of a list of numbers over all processes (float64)."""
     t = torch.tensor(np.asarray(values, dtype=np.float64))
     if world() > 1:
+        if tdist.get_backend() == "nccl":  # NCCL reduces only GPU tensors
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
-    return t.numpy()
+    return t.cpu().numpy()
 
 
 def any_process(mask: torch.Tensor) -> torch.Tensor:

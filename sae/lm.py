@@ -67,6 +67,11 @@ def resolve_model(name: str, cache_dir: str | None = None) -> dict:
                         f"a .gguf file, or CACHE_DIR to the Hugging Face cache that holds it")
 
 
+def resolve_from_meta(meta: dict) -> dict:
+    """Where to load the model that an activations file was extracted from (its name and cache)."""
+    return resolve_model(meta["model"], meta.get("config", {}).get("CACHE_DIR"))
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,6 +173,18 @@ def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     return batches
 
 
+def pad_right(arrays, fill=0, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D arrays as one (B, T) tensor padded on the right with `fill`, and the (B, T) mask of real
+    entries. Right padding keeps a causal model's outputs for the real tokens unchanged."""
+    width = max(len(a) for a in arrays)
+    out = torch.full((len(arrays), width), fill, dtype=dtype)
+    mask = torch.zeros((len(arrays), width), dtype=torch.long)
+    for row, a in enumerate(arrays):
+        out[row, :len(a)] = torch.as_tensor(a).to(dtype)
+        mask[row, :len(a)] = 1
+    return out, mask
+
+
 class _StopForward(Exception):
     pass
 
@@ -246,15 +263,8 @@ def evaluate_lm(model, examples, layer: int, recon_fn, mean_D, batch_tokens: int
     ablations = {"sae": recon_fn, "zero": lambda h: torch.zeros_like(h),
                  "mean": lambda h: mean_D.to(h.device, h.dtype).expand_as(h)}
     for batch in length_batches(lengths, batch_tokens):
-        width = int(lengths[batch].max())
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        where = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            n = lengths[i]
-            ids[row, :n] = torch.from_numpy(examples[i][0].astype(np.int64))
-            mask[row, :n] = 1
-            where[row, :n] = torch.from_numpy(examples[i][1])
+        ids, mask = pad_right([examples[i][0] for i in batch])
+        where, _ = pad_right([examples[i][1] for i in batch], False, torch.bool)
         ids, mask, where = ids.to(device), mask.to(device), where.to(device)
         ce, n, _, clean_logp = next_token_loss(model, ids, mask, layer)
         totals["clean"] += ce

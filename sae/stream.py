@@ -50,31 +50,39 @@ def selected(roles: np.ndarray, first: np.ndarray, selection: str) -> np.ndarray
     raise ValueError(selection)
 
 
-def _rows_index(acts: Activations, example_ids: np.ndarray) -> np.ndarray:
+def _roles_and_firsts(acts: Activations, example_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token roles of the given examples' rows, concatenated in the order given, and which rows are
+    an example's first token."""
     starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
+    lengths = ends - starts
+    first = np.zeros(int(lengths.sum()), dtype=bool)
+    first[np.cumsum(lengths) - lengths] = True
+    roles = np.concatenate([acts.token_role[a:b] for a, b in zip(starts, ends)]) if len(example_ids) else \
+        np.zeros(0, dtype=np.int8)
+    return roles, first
+
+
+def _gather(acts: Activations, example_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(rows float32 (N, D), roles (N,), is-first (N,)) of the given examples, in the order given."""
+    roles, first = _roles_and_firsts(acts, example_ids)
     if not len(example_ids):
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+        return torch.zeros(0, acts.d), roles, first
+    starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
+    raw = np.concatenate([acts.read_rows(a, b) for a, b in zip(starts, ends)])
+    rows = torch.from_numpy(raw).float()  # torch converts float16 several times faster than numpy
+    finite = np.isfinite(rows.numpy()).all(1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        example = int(example_ids[np.searchsorted(np.cumsum(ends - starts), bad, side="right")])
+        raise NonFiniteActivations(
+            f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "
+            f"of {acts.meta.get('dataset_path')}); re-extract with --store_dtype=float32 or drop that example")
+    return rows, roles, first
 
 
 def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[torch.Tensor, np.ndarray]:
     """(rows float32 (N, D), trained-on mask (N,)) of the given examples, in the order given."""
-    starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
-    if not len(example_ids):
-        return torch.zeros(0, acts.d), np.zeros(0, dtype=bool)
-    raw = np.concatenate([acts.read_rows(a, b) for a, b in zip(starts, ends)])
-    rows = torch.from_numpy(raw).float()  # torch converts float16 several times faster than numpy
-    if not np.isfinite(rows.numpy()).all():
-        index = _rows_index(acts, example_ids)
-        bad = index[np.flatnonzero(~np.isfinite(rows.numpy()).all(1))[0]]
-        example = int(np.searchsorted(acts.offsets, bad, side="right") - 1)
-        raise NonFiniteActivations(
-            f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "
-            f"of {acts.meta.get('dataset_path')}); re-extract with --store_dtype=float32 or drop that example")
-    lengths = ends - starts
-    first = np.zeros(len(rows), dtype=bool)
-    first[np.cumsum(lengths) - lengths] = True
-    roles = np.concatenate([acts.token_role[a:b] for a, b in zip(starts, ends)])
+    rows, roles, first = _gather(acts, example_ids)
     return rows, selected(roles, first, selection)
 
 
@@ -89,10 +97,9 @@ def count_tokens(acts: Activations, example_ids: np.ndarray, selection: str, chu
     """(trained-on tokens, left-out tokens) of the given examples."""
     kept = total = 0
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
-        index = _rows_index(acts, c)
-        first = np.isin(index, acts.offsets[c])
-        kept += int(selected(acts.token_role[index], first, selection).sum())
-        total += len(index)
+        roles, first = _roles_and_firsts(acts, c)
+        kept += int(selected(roles, first, selection).sum())
+        total += len(roles)
     return kept, total - kept
 
 
@@ -176,9 +183,8 @@ def _prefetch(iterator, depth: int = 16):
 def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 15):
     """(rows, trained-on mask, roles, is-first) of the given examples chunk by chunk, in file order."""
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
-        rows, keep = gather(acts, c, selection)
-        index = _rows_index(acts, c)
-        yield rows, torch.from_numpy(keep), acts.token_role[index], np.isin(index, acts.offsets[c])
+        rows, roles, first = _gather(acts, c)
+        yield rows, torch.from_numpy(selected(roles, first, selection)), roles, first
 
 
 class ReconStats:
