@@ -85,6 +85,8 @@ if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, and the process group
 dtype = lm.pick_dtype(DTYPE, device)
+if device.type == "cpu":
+    lm.keep_freed_memory()
 try:
     where = lm.resolve_model(MODEL_NAME, CACHE_DIR)
 except lm.ModelNotFound as e:

@@ -27,7 +27,7 @@ from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
 from sae.stream import (TOKEN_SELECTIONS, MixingStream, NonFiniteActivations, ReconStats, count_tokens,
-                        eval_batches, selected, split_examples)
+                        eval_batches, init_sample, selected, split_examples)
 
 # ---- data
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
@@ -115,14 +115,7 @@ provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activation
 torch.manual_seed(SEED)
 sae = SparseAutoencoder(acts.d, M, K, aux_k=aux_k, dead_steps=DEAD_STEPS, prefixes=prefixes,
                         batch_topk=USE_BATCH_TOPK)
-sample_ids = np.random.default_rng(SEED).permutation(train_ids)
-sample = []
-for b, batch in enumerate(MixingStream(acts, sample_ids[:max(1, len(sample_ids) // 10)], TRAIN_TOKENS,
-                                       8192, SEED).epoch(1 << 30)):  # an order no training epoch uses
-    sample.append(batch)
-    if b >= 3:
-        break
-sample = torch.cat(sample)
+sample = init_sample(acts, train_ids, TRAIN_TOKENS, SEED)
 sae.init_from_data(sample)
 mean_activation_D = sample.mean(0)  # for the mean-ablation baseline of the LM evaluation
 sae.to(device)

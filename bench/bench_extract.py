@@ -3,7 +3,8 @@
 The plain loop is what a first version does: one example at a time, a full forward pass with
 output_hidden_states=True (all blocks and the LM head), float32. Both see the same 200 sample examples
 with the same tokens; ours is timed by its own pass (the script's "Throughput" line, model loading
-excluded on both sides).
+excluded on both sides). The plain loop runs half before ours and half after, so drift in the machine's
+speed (shared cores) falls on both sides alike.
 
     python bench/bench_extract.py                 # speed, SmolLM2-135M-Instruct on CPU
     python bench/bench_extract.py --memory        # also peak RSS at 900 and 4x900 examples (/usr/bin/time -v)
@@ -46,29 +47,42 @@ def run_ours(dataset, out, timed=False):
     return proc
 
 
+def plain_loop(model, tok, records):
+    """(seconds, [(token ids, layer output float32)] per record) of the plain loop."""
+    out = []
+    t0 = time.time()
+    with torch.no_grad():
+        for r in records:
+            ids, _, _ = lm.tokenize_example(tok, [{"role": "user", "content": r["text"]}], True, 512)
+            h = model(torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True).hidden_states
+            out.append((ids, h[LAYER + 1][0].numpy()))
+    return time.time() - t0, out
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="bench_extract_")
     dataset = subset(os.path.join(tmp, "sub.jsonl"), N_EXAMPLES)
-    proc = run_ours(dataset, os.path.join(tmp, "ours"))
-    ours_rate = float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
-    ours = open_activations(os.path.join(tmp, "ours", f"activations_layer{LAYER}.npz"))
-
+    records = [json.loads(line) for line in open(dataset, encoding="utf-8")]
     where = lm.resolve_model(lm.DEFAULT_MODEL)
     tok = lm.load_tokenizer(where)
     model = lm.load_model(where, torch.device("cpu"), torch.float32)
-    records = [json.loads(line) for line in open(dataset, encoding="utf-8")]
-    t0, n_tok, max_abs, max_rel = time.time(), 0, 0.0, 0.0
-    with torch.no_grad():
-        for i, r in enumerate(records):
-            ids, _, _ = lm.tokenize_example(tok, [{"role": "user", "content": r["text"]}], True, 512)
-            h = model(torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True).hidden_states
-            plain = h[LAYER + 1][0].numpy()
-            n_tok += len(ids)
-            np.testing.assert_array_equal(ours.token_ids[ours.offsets[i]:ours.offsets[i + 1]], ids)
-            diff = np.asarray(ours.example(i), dtype=np.float32) - plain
-            max_abs = max(max_abs, float(np.abs(diff).max()))
-            max_rel = max(max_rel, float((np.linalg.norm(diff, axis=1) / np.linalg.norm(plain, axis=1)).max()))
-    plain_rate = n_tok / (time.time() - t0)
+
+    # the plain loop runs half before and half after ours, so a machine whose speed drifts (shared
+    # cores) weighs on both sides alike
+    seconds_1, plain_1 = plain_loop(model, tok, records[:N_EXAMPLES // 2])
+    proc = run_ours(dataset, os.path.join(tmp, "ours"))
+    ours_rate = float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
+    seconds_2, plain_2 = plain_loop(model, tok, records[N_EXAMPLES // 2:])
+
+    ours = open_activations(os.path.join(tmp, "ours", f"activations_layer{LAYER}.npz"))
+    n_tok, max_abs, max_rel = 0, 0.0, 0.0
+    for i, (ids, plain) in enumerate(plain_1 + plain_2):
+        np.testing.assert_array_equal(ours.token_ids[ours.offsets[i]:ours.offsets[i + 1]], ids)
+        diff = np.asarray(ours.example(i), dtype=np.float32) - plain
+        max_abs = max(max_abs, float(np.abs(diff).max()))
+        max_rel = max(max_rel, float((np.linalg.norm(diff, axis=1) / np.linalg.norm(plain, axis=1)).max()))
+        n_tok += len(ids)
+    plain_rate = n_tok / (seconds_1 + seconds_2)
     print(f"examples: {N_EXAMPLES}, tokens: {n_tok}, layer {LAYER}, torch threads: {torch.get_num_threads()}")
     print(f"plain loop (one at a time, full forward, output_hidden_states, float32): {plain_rate:.0f} tokens/s")
     print(f"extract_activations.py (length-batched, stops after block {LAYER}, float16 store): {ours_rate:.0f} tokens/s")

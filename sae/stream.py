@@ -86,6 +86,20 @@ def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[
     return rows, selected(roles, first, selection)
 
 
+def init_sample(acts: Activations, train_ids: np.ndarray, selection: str, seed: int,
+                max_tokens: int = 1 << 15) -> torch.Tensor:
+    """Trained-on rows of a random tenth of the training examples, at most max_tokens of them (so memory
+    does not grow with the file): the sample for the input scale and b_pre's median."""
+    perm = np.random.default_rng(seed).permutation(train_ids)
+    lengths = acts.offsets[perm + 1] - acts.offsets[perm]
+    within = int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1  # examples holding max_tokens tokens
+    for ids in (perm[:min(max(1, len(perm) // 10), within)], perm[:within]):  # the second if the first has none
+        rows, keep = gather(acts, np.sort(ids), selection)
+        if keep.any():
+            break
+    return rows[torch.from_numpy(keep)][:max_tokens]
+
+
 def chunks(acts: Activations, example_ids: np.ndarray, chunk_tokens: int) -> list[np.ndarray]:
     """Consecutive groups of the given examples holding about chunk_tokens tokens each."""
     lengths = acts.offsets[example_ids + 1] - acts.offsets[example_ids]

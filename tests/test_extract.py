@@ -38,6 +38,7 @@ def test_batched_equals_one_at_a_time(loaded):
     for i, e in enumerate(examples):
         ids[i, :len(e)] = torch.from_numpy(e.astype(np.int64))
         mask[i, :len(e)] = 1
+    assert lm.shared_prefix_length(ids, mask) >= lm.MIN_SHARED_PREFIX, "the test must cover the shared-prefix path"
     batched = lm.residual_stream(model, ids, mask, [1, 2])
     for i, e in enumerate(examples):
         single = _single(model, e, [1, 2])
