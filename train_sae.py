@@ -178,17 +178,6 @@ def evaluate(model, ids, by_kind=False):
     return out
 
 
-class _LossModule(torch.nn.Module):
-    """The training loss as a module's forward, so DistributedDataParallel can wrap it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.sae = model
-
-    def forward(self, x, dead):
-        return sae_loss(self.sae, x, dead)
-
-
 def checkpoint(epoch, finished, metrics=None):
     if rank > 0:  # only rank 0 writes; every process holds the same weights
         return
@@ -204,9 +193,7 @@ def checkpoint(epoch, finished, metrics=None):
 print(f"SAE: M={M}, K={K}, {'BatchTopK' if USE_BATCH_TOPK else 'TopK'}, Matryoshka prefixes {prefixes}, "
       f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}")
 steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
-trainer = _LossModule(sae)
-if world > 1:  # data parallel: gradients are averaged by DDP, dead-feature counters and BatchTopK thresholds below
-    trainer = torch.nn.parallel.DistributedDataParallel(trainer, broadcast_buffers=False)
+if world > 1:  # data parallel: gradients, dead-feature counters and BatchTopK thresholds are combined below
     print(f"Data parallel over {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): effective batch "
           f"{BATCH_SIZE * world} tokens per step (BATCH_SIZE={BATCH_SIZE} per process), LR {LR}")
 t_start, tokens_seen = time.time(), 0
@@ -214,18 +201,18 @@ autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16 and device.
 try:
     for epoch in range(start_epoch, N_EPOCHS):
         sae.train()
-        losses = []
-        batches = stream.epoch(epoch)
+        loss_sum, n_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+        batches = stream.epoch(epoch, prefetch=device.type == "cuda")
         if world > 1:  # every process must take the same number of steps
             steps = int(-dist.all_reduce([-(stream.n_tokens(epoch) // BATCH_SIZE)], "max")[0])
             batches = (x for _, x in zip(range(steps), batches))
         for x in tqdm(batches, total=steps_per_epoch // world, desc=f"epoch {epoch + 1}", leave=False,
                       disable=rank > 0 or None):
             x = x.to(device, non_blocking=True)
-            with autocast:
-                out = trainer(x, sae.dead_mask())
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            out = sae_loss(sae, x, sae.dead_mask(), backward=True, autocast=autocast)
+            if world > 1:
+                for p in sae.parameters():
+                    dist.average_(p.grad)
             sae.remove_parallel_grad()
             torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP)
             optimizer.step()
@@ -233,12 +220,13 @@ try:
             sae.update_dead(out["idx"], out["vals"], dist.any_process if world > 1 else None)
             if USE_BATCH_TOPK and world > 1:
                 dist.average_(sae.threshold)
-            losses.append(out["loss"].item())
+            loss_sum += out["loss"]
+            n_steps += 1
             tokens_seen += len(x) * world
         val = evaluate(sae, val_ids)
         val_loss = float(np.mean(val["prefix_nmse"]))
         dead_ratio = sae.dead_mask().float().mean().item()
-        loss_sum, n_steps = dist.all_reduce([np.sum(losses), len(losses)])
+        loss_sum, n_steps = dist.all_reduce([loss_sum.item(), n_steps])
         train_loss = float(loss_sum / max(n_steps, 1))
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                         "val_nmse": val["nmse"], "dead_ratio": dead_ratio, "l0": val["l0"]})

@@ -197,15 +197,17 @@ class Activations:
     def d(self) -> int:
         return self.activations.shape[1]
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows start:stop as a new array, read with pread: unlike touching the memmap, this leaves no
-        mapped pages behind, so a process's memory does not grow with the file it reads."""
+    def read_rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows start:stop, read with pread into `out` (a C-contiguous array of that shape and dtype)
+        or a new array: unlike touching the memmap, this leaves no mapped pages behind, so a process's
+        memory does not grow with the file it reads."""
         a = self.activations
+        if out is None:
+            out = np.empty((stop - start, a.shape[1]), dtype=a.dtype)
         nbytes = (stop - start) * a.shape[1] * a.dtype.itemsize
-        data = os.pread(self._fd, nbytes, a.offset + start * a.shape[1] * a.dtype.itemsize)
-        if len(data) != nbytes:
+        if os.preadv(self._fd, [memoryview(out).cast("B")], a.offset + start * a.shape[1] * a.dtype.itemsize) != nbytes:
             raise ActivationFileError(f"{self.path} is shorter than its header says; re-run extract_activations.py")
-        return np.frombuffer(data, dtype=a.dtype).reshape(stop - start, a.shape[1])
+        return out
 
     def example(self, i: int) -> np.ndarray:
         return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]))

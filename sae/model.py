@@ -23,6 +23,7 @@ selected pre-activations (a sparse matmul) instead of a dense B×M gradient. The
 Everything needed to rebuild a model is in `sae.config` and the state dict (buffers: scale,
 threshold, steps_since_fired). No file I/O here.
 """
+import contextlib
 import math
 
 import torch
@@ -54,34 +55,6 @@ def check_config(d_in: int, m: int, k: int, prefixes: list[int] | None, aux_k: i
         if prefixes[-1] != m:
             return f"MATRYOSHKA_PREFIXES={prefixes} must end at M={m}, e.g. [{m // 4}, {m}]"
     return None
-
-
-class _SelectedPreActs(torch.autograd.Function):
-    """pre_BM.gather(1, idx_BJ), where pre_BM = xc_BD W_enc_MDᵀ + b_enc_M was computed without a graph.
-
-    The backward pass is that of the dense expression, computed only at the J selected entries per row:
-    grad W_enc = Gᵀ xc as a sparse matmul, grad xc = G W_enc as an embedding-bag sum."""
-
-    @staticmethod
-    def forward(ctx, xc_BD, W_enc_MD, b_enc_M, pre_BM, idx_BJ):
-        ctx.save_for_backward(xc_BD, W_enc_MD, idx_BJ)
-        return pre_BM.gather(1, idx_BJ)
-
-    @staticmethod
-    def backward(ctx, g_BJ):
-        xc_BD, W_enc_MD, idx_BJ = ctx.saved_tensors
-        (b, j), m = idx_BJ.shape, W_enc_MD.shape[0]
-        flat_idx, flat_g = idx_BJ.reshape(-1), g_BJ.reshape(-1).to(xc_BD.dtype)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.embedding_bag(idx_BJ, W_enc_MD, per_sample_weights=g_BJ.to(W_enc_MD.dtype), mode="sum")
-        if ctx.needs_input_grad[1]:
-            rows = torch.arange(b, device=idx_BJ.device).repeat_interleave(j)
-            g_MB = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_g, (m, b), check_invariants=False)
-            grad_W = torch.sparse.mm(g_MB, xc_BD)
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(m, dtype=flat_g.dtype, device=flat_g.device).index_add_(0, flat_idx, flat_g)
-        return grad_x, grad_W, grad_b, None, None
 
 
 class SparseAutoencoder(nn.Module):
@@ -142,45 +115,25 @@ class SparseAutoencoder(nn.Module):
         valid_BJ, idx_BJ = keep_BM.to(pre_BM.dtype).topk(j, dim=-1, sorted=False)
         return idx_BJ, valid_BJ
 
-    def encode_sparse(self, x_BD: torch.Tensor, with_pre: bool = False):
-        """(idx_BJ, vals_BJ): the selected features of each token and their (non-negative) codes;
-        with_pre adds the centered input and the dense pre-activations (no graph) for the aux-K loss."""
-        xc_BD = self.centered(x_BD)
-        with torch.no_grad():
-            pre_BM = torch.addmm(self.b_enc_M, xc_BD, self.W_enc_MD.t())
+    @torch.no_grad()
+    def encode_sparse(self, x_BD: torch.Tensor):
+        """(idx_BJ, vals_BJ): the selected features of each token and their (non-negative) codes."""
+        pre_BM = self.pre_acts(x_BD)
         idx_BJ, valid_BJ = self.select(pre_BM)
-        vals_BJ = self.selected_codes(xc_BD, pre_BM, idx_BJ)
-        if valid_BJ is not None:
-            vals_BJ = vals_BJ * valid_BJ
-        return (idx_BJ, vals_BJ, xc_BD, pre_BM) if with_pre else (idx_BJ, vals_BJ)
-
-    def selected_codes(self, xc_BD, pre_BM, idx_BJ) -> torch.Tensor:
-        """ReLU of the pre-activations at idx_BJ, differentiable with respect to the encoder."""
-        return F.relu(_SelectedPreActs.apply(xc_BD, self.W_enc_MD, self.b_enc_M, pre_BM, idx_BJ))
+        vals_BJ = pre_BM.gather(1, idx_BJ).relu_()
+        return idx_BJ, vals_BJ if valid_BJ is None else vals_BJ.mul_(valid_BJ)
 
     def decode_sparse(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the scaled space: the codes' sum of decoder rows, plus b_pre."""
         return F.embedding_bag(idx_BJ, self.W_dec_MD, per_sample_weights=vals_BJ, mode="sum") + self.b_pre_D
 
-    def decode_prefixes(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor) -> list[torch.Tensor]:
-        """Scaled-space reconstruction from the first p features, for each Matryoshka prefix p.
+    def prefix_weights(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor) -> list[torch.Tensor]:
+        """The codes that each Matryoshka prefix keeps: those of features below the prefix's end."""
+        return [vals_BJ if p == self.m else vals_BJ * (idx_BJ < p) for p in self.prefixes]
 
-        Each selected entry belongs to exactly one prefix chunk [p_prev, p), so the chunks are decoded
-        as separate bags and summed cumulatively: the cost of one decode whatever the number of prefixes."""
-        if len(self.prefixes) == 1:
-            return [self.decode_sparse(idx_BJ, vals_BJ)]
-        b = idx_BJ.shape[0]
-        bounds = torch.tensor(self.prefixes[:-1], device=idx_BJ.device)
-        chunk_BJ = torch.bucketize(idx_BJ, bounds, right=True)
-        recon_BD, out = self.b_pre_D.expand(b, -1), []
-        for c in range(len(self.prefixes)):
-            mask_BJ = chunk_BJ == c
-            counts_B = mask_BJ.sum(1)
-            offsets_B = torch.cumsum(counts_B, 0) - counts_B  # entries come out row by row
-            recon_BD = recon_BD + F.embedding_bag(idx_BJ[mask_BJ], self.W_dec_MD, offsets=offsets_B,
-                                                  per_sample_weights=vals_BJ[mask_BJ], mode="sum")
-            out.append(recon_BD)
-        return out
+    def decode_prefixes(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor) -> list[torch.Tensor]:
+        """Scaled-space reconstruction from the first p features, for each Matryoshka prefix p."""
+        return [self.decode_sparse(idx_BJ, w_BJ) for w_BJ in self.prefix_weights(idx_BJ, vals_BJ)]
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Dense codes (B, M)."""
@@ -225,20 +178,98 @@ def normalized_mse(pred_BD: torch.Tensor, target_BD: torch.Tensor, baseline=None
     return F.mse_loss(pred_BD, target_BD, reduction="sum") / baseline
 
 
-def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | None = None) -> dict:
-    """Training objective and its parts. `dead_M` marks dead features for the aux-K term (None: no aux)."""
-    x_s_BD = x_BD * sae.scale
-    idx_BJ, vals_BJ, xc_BD, pre_BM = sae.encode_sparse(x_BD, with_pre=True)
-    recons = sae.decode_prefixes(idx_BJ, vals_BJ)
-    baseline = (x_s_BD - x_s_BD.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    prefix_nmse = torch.stack([normalized_mse(r, x_s_BD, baseline) for r in recons])
+def _sum_sq(t: torch.Tensor) -> torch.Tensor:
+    return torch.dot(t.reshape(-1), t.reshape(-1))
+
+
+def _spread_baseline(t_BD: torch.Tensor) -> torch.Tensor:
+    """‖t − batch mean‖², the denominator of the normalized MSE."""
+    mean_D = t_BD.mean(0)
+    return (_sum_sq(t_BD) - len(t_BD) * _sum_sq(mean_D)).clamp_min(1e-12)
+
+
+def _rows_times(idx_BJ: torch.Tensor, rows_BJ: torch.Tensor, weights_BJ: torch.Tensor, n_rows: int,
+                dense_ND: torch.Tensor, m: int) -> torch.Tensor:
+    """(M, D) sum over the entries j of weights_j · dense[rows_j], added into row idx_j: a sparse matmul."""
+    indices = torch.stack([idx_BJ.reshape(-1), rows_BJ.reshape(-1)])
+    coo = torch.sparse_coo_tensor(indices, weights_BJ.reshape(-1), (m, n_rows), check_invariants=False)
+    return torch.sparse.mm(coo, dense_ND)
+
+
+@torch.no_grad()
+def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | None = None,
+             backward: bool = False, autocast=None) -> dict:
+    """Training objective and its parts; `dead_M` marks dead features for the aux-K term (None: no aux).
+
+    With backward=True the gradients of the loss are written to the parameters' .grad. They are
+    computed by hand rather than by autograd: with e_p = x_s − x̂_p the residual of prefix p and
+    β = ‖x_s − mean‖²,  ∂loss/∂x̂_p = −2 e_p / (P β), and a selected feature of chunk c (the features
+    between two prefix ends) receives G_c = Σ_{p ≥ c} ∂loss/∂x̂_p. Then, per selected entry j of token b,
+    ∂/∂code_j = ⟨G_c, W_dec[f_j]⟩, ∂/∂W_dec[f_j] += code_j G_c, and through the ReLU the pre-activation
+    gradient g_j reaches W_enc[f_j] (+= g_j (x_s − b_pre)), b_enc[f_j] and b_pre (−W_encᵀ ∂b_enc, plus
+    Σ_p ∂loss/∂x̂_p). Only the K selected (and aux_k dead) features of each token are touched and no
+    graph is kept; tests check it against autograd on the dense formulas."""
+    n_prefixes, (b, d), m = len(sae.prefixes), x_BD.shape, sae.m
+    W_enc, b_enc, W_dec, b_pre = sae.W_enc_MD, sae.b_enc_M, sae.W_dec_MD, sae.b_pre_D
+    xc_BD = torch.addcmul(-b_pre, x_BD, sae.scale)  # x_s − b_pre
+    with autocast or contextlib.nullcontext():
+        pre_BM = torch.addmm(b_enc, xc_BD, W_enc.t()).float()
+    idx_BJ, valid_BJ = sae.select(pre_BM)
+    vals_BJ = pre_BM.gather(1, idx_BJ).relu_()
+    if valid_BJ is not None:
+        vals_BJ.mul_(valid_BJ)
+    # residuals of each prefix's reconstruction (the decoded sum without b_pre, subtracted from x_s − b_pre)
+    # (the decoded sums keep a small graph to their codes: embedding_bag's backward then gives
+    # ⟨∂loss/∂x̂, W_dec[f_j]⟩ per entry without gathering the decoder rows)
+    vals_BJ.requires_grad_(backward)
+    e_PBD = torch.empty(n_prefixes, b, d, dtype=xc_BD.dtype, device=xc_BD.device)
+    with torch.enable_grad():
+        bags = [F.embedding_bag(idx_BJ, W_dec, per_sample_weights=w_BJ, mode="sum")
+                for w_BJ in sae.prefix_weights(idx_BJ, vals_BJ)]
+    for p, bag_BD in enumerate(bags):
+        torch.sub(xc_BD, bag_BD.detach(), out=e_PBD[p])
+    beta = _spread_baseline(xc_BD)
+    prefix_nmse = torch.stack([_sum_sq(e) for e in e_PBD]) / beta
     loss = prefix_nmse.mean()
     aux = torch.zeros((), device=x_BD.device)
-    if dead_M is not None and sae.aux_k > 0 and bool(dead_M.any()):
+    use_aux = dead_M is not None and sae.aux_k > 0 and bool(dead_M.any())
+    if use_aux:  # the aux_k largest dead pre-activations reconstruct what the model missed
         aux_idx_BA = pre_BM.masked_fill(~dead_M, float("-inf")).topk(sae.aux_k, dim=-1, sorted=False).indices
-        aux_vals_BA = sae.selected_codes(xc_BD, pre_BM, aux_idx_BA) * dead_M[aux_idx_BA]  # fewer dead features than aux_k: pad with zeros
-        aux_recon_BD = F.embedding_bag(aux_idx_BA, sae.W_dec_MD, per_sample_weights=aux_vals_BA, mode="sum")
-        aux = normalized_mse(aux_recon_BD, x_s_BD - recons[-1].detach())
+        aux_vals_BA = pre_BM.gather(1, aux_idx_BA).relu_().mul_(dead_M[aux_idx_BA])  # fewer dead than aux_k: zeros
+        target_BD = e_PBD[-1]
+        aux_beta = _spread_baseline(target_BD)
+        with torch.enable_grad():
+            aux_bag_BD = F.embedding_bag(aux_idx_BA, W_dec, per_sample_weights=aux_vals_BA.requires_grad_(backward),
+                                         mode="sum")
+        e_aux_BD = target_BD - aux_bag_BD.detach()
+        aux = _sum_sq(e_aux_BD) / aux_beta
         loss = loss + AUX_COEF * aux
-    return {"loss": loss, "nmse": prefix_nmse[-1], "prefix_nmse": prefix_nmse, "aux": aux,
-            "idx": idx_BJ, "vals": vals_BJ}
+    out = {"loss": loss, "nmse": prefix_nmse[-1], "prefix_nmse": prefix_nmse, "aux": aux,
+           "idx": idx_BJ, "vals": vals_BJ}
+    if not backward:
+        return out
+
+    G_PBD = e_PBD.mul_(-2 / (n_prefixes * beta))  # ∂loss/∂x̂_p
+    d_vals_BJ, = torch.autograd.grad(bags, vals_BJ, grad_outputs=list(G_PBD))
+    for c in range(n_prefixes - 2, -1, -1):  # now summed over the prefixes at or after p
+        G_PBD[c] += G_PBD[c + 1]
+    chunk_BJ = torch.bucketize(idx_BJ, torch.tensor(sae.prefixes[:-1], device=idx_BJ.device), right=True)
+    tokens_BJ = torch.arange(b, device=idx_BJ.device)[:, None].expand_as(idx_BJ)
+    vals_BJ = vals_BJ.detach()
+    grad_W_dec = _rows_times(idx_BJ, chunk_BJ * b + tokens_BJ, vals_BJ, n_prefixes * b, G_PBD.view(-1, d), m)
+    enc_idx, enc_rows, enc_grads = [idx_BJ], [tokens_BJ], [d_vals_BJ.mul_(vals_BJ > 0)]
+    if use_aux:
+        g_aux_BD = e_aux_BD.mul_(-2 * AUX_COEF / aux_beta)
+        d_aux_BA, = torch.autograd.grad(aux_bag_BD, aux_vals_BA, grad_outputs=g_aux_BD)
+        aux_vals_BA = aux_vals_BA.detach()
+        grad_W_dec += _rows_times(aux_idx_BA, tokens_BJ[:, :1].expand_as(aux_idx_BA), aux_vals_BA, b, g_aux_BD, m)
+        enc_idx.append(aux_idx_BA)
+        enc_rows.append(tokens_BJ[:, :1].expand_as(aux_idx_BA))
+        enc_grads.append(d_aux_BA.mul_(aux_vals_BA > 0))
+    enc_idx, enc_rows, enc_grads = (torch.cat(t, 1) for t in (enc_idx, enc_rows, enc_grads))
+    grad_b_enc = torch.zeros_like(b_enc).index_add_(0, enc_idx.reshape(-1), enc_grads.reshape(-1))
+    sae.W_enc_MD.grad = _rows_times(enc_idx, enc_rows, enc_grads, b, xc_BD, m)
+    sae.b_enc_M.grad = grad_b_enc
+    sae.W_dec_MD.grad = grad_W_dec
+    sae.b_pre_D.grad = G_PBD[0].sum(0) - grad_b_enc @ W_enc
+    return out

@@ -62,22 +62,32 @@ def _roles_and_firsts(acts: Activations, example_ids: np.ndarray) -> tuple[np.nd
     return roles, first
 
 
-def _gather(acts: Activations, example_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(rows float32 (N, D), roles (N,), is-first (N,)) of the given examples, in the order given."""
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = None):
+    """(rows as stored (N, D), roles (N,), is-first (N,)) of the given examples, in the order given,
+    read into the start of `out` when given."""
     roles, first = _roles_and_firsts(acts, example_ids)
-    if not len(example_ids):
-        return torch.zeros(0, acts.d), roles, first
+    dtype = acts.activations.dtype
+    rows = np.empty((len(roles), acts.d), dtype=dtype) if out is None else out[:len(roles)]
     starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
-    raw = np.concatenate([acts.read_rows(a, b) for a, b in zip(starts, ends)])
-    rows = torch.from_numpy(raw).float()  # torch converts float16 several times faster than numpy
-    finite = np.isfinite(rows.numpy()).all(1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
-        example = int(example_ids[np.searchsorted(np.cumsum(ends - starts), bad, side="right")])
+    for a, b, at in zip(starts, ends, np.cumsum(ends - starts) - (ends - starts)):
+        acts.read_rows(a, b, out=rows[at:at + b - a])
+    uint, exponent = _EXPONENT_BITS[dtype]  # NaN and inf have every exponent bit set; faster than isfinite
+    bad_rows = np.flatnonzero(((rows.view(uint) & exponent) == exponent).any(1))
+    if len(bad_rows):
+        example = int(example_ids[np.searchsorted(np.cumsum(ends - starts), bad_rows[0], side="right")])
         raise NonFiniteActivations(
             f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "
             f"of {acts.meta.get('dataset_path')}); re-extract with --store_dtype=float32 or drop that example")
     return rows, roles, first
+
+
+def _gather(acts: Activations, example_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(rows float32 (N, D), roles (N,), is-first (N,)) of the given examples, in the order given."""
+    rows, roles, first = _read(acts, example_ids)
+    return torch.from_numpy(rows).float(), roles, first  # torch converts float16 several times faster than numpy
 
 
 def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -140,26 +150,35 @@ class MixingStream:
         mine = self._my_chunks(np.random.default_rng([self.seed, epoch]))
         return count_tokens(self.acts, np.concatenate(mine), self.selection)[0] if mine else 0
 
-    def epoch(self, epoch: int):
-        """The batches of one epoch, prepared one buffer ahead in a background thread."""
-        return _prefetch(self._batches(epoch))
+    def epoch(self, epoch: int, prefetch: bool = False):
+        """The batches of one epoch; with prefetch, prepared ahead in a background thread. That pays on
+        a GPU, whose work is asynchronous; on a CPU the thread would take cores from the training
+        step's own threads, and reading a batch costs far less than the step."""
+        return _prefetch(self._batches(epoch)) if prefetch else self._batches(epoch)
 
     def _batches(self, epoch: int):
+        """Chunks are read into one buffer of rows as stored (float16 by default); each batch is gathered
+        from it in shuffled order and converted to float32 on its own, so no whole-buffer copy is made."""
         rng = np.random.default_rng([self.seed, epoch])
-        parts, held = [], 0
-        for c in self._my_chunks(rng):
-            rows, keep = gather(self.acts, np.sort(c), self.selection)
-            parts.append(rows[torch.from_numpy(keep)])
-            held += int(keep.sum())
-            if held >= self.buffer_tokens:
-                buf = torch.cat(parts)
-                buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
-                n_full = len(buf) // self.batch_size * self.batch_size
-                yield from buf[:n_full].split(self.batch_size)
-                parts, held = [buf[n_full:].clone()], len(buf) - n_full  # clone: let the old buffer go
-        if held:
-            buf = torch.cat(parts)
-            yield from buf[torch.from_numpy(rng.permutation(len(buf)))].split(self.batch_size)
+        my_chunks = [np.sort(c) for c in self._my_chunks(rng)]
+        longest = max((int((self.acts.offsets[c + 1] - self.acts.offsets[c]).sum()) for c in my_chunks), default=0)
+        buf = np.empty((self.buffer_tokens + self.batch_size + longest, self.acts.d), dtype=self.acts.activations.dtype)
+        rows_t = torch.from_numpy(buf)
+        filled, kept = 0, []  # rows of buf in use, and which of them are trained on
+        for i, c in enumerate(my_chunks):
+            _, roles, first = _read(self.acts, c, out=buf[filled:])
+            kept.append(filled + np.flatnonzero(selected(roles, first, self.selection)))
+            filled += len(roles)
+            last = i == len(my_chunks) - 1
+            if filled - self.batch_size >= self.buffer_tokens or last:
+                kept = np.concatenate(kept)
+                order = torch.from_numpy(kept[rng.permutation(len(kept))])
+                n_out = len(order) if last else len(order) // self.batch_size * self.batch_size
+                for batch in order[:n_out].split(self.batch_size):
+                    yield rows_t.index_select(0, batch).float()
+                rest = order[n_out:]  # fewer than a batch: carried to the front of the buffer
+                buf[:len(rest)] = buf[rest.numpy()]
+                filled, kept = len(rest), [np.arange(len(rest))]
 
 
 def _prefetch(iterator, depth: int = 16):

@@ -19,11 +19,15 @@ def make(batch_topk=False, prefixes=None, m=32, k=4, d=12, bias=0.0):
 
 
 def dense_reference_loss(sae, x, dead=None):
-    """The HypotheSAEs loss written densely with plain autograd, to check the sparse implementation."""
+    """The HypotheSAEs loss written densely with plain autograd, to check the hand-written gradients."""
     xs = x * sae.scale
     pre = (xs - sae.b_pre_D) @ sae.W_enc_MD.t() + sae.b_enc_M
-    vals, idx = pre.topk(sae.k, dim=-1)
-    codes = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+    if sae.batch_topk:  # the K·B largest activations of the batch
+        vals, idx = F.relu(pre).flatten().topk(sae.k * len(x))
+        codes = torch.zeros(pre.numel()).scatter(0, idx, vals).view_as(pre)
+    else:
+        vals, idx = pre.topk(sae.k, dim=-1)
+        codes = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
     terms = [normalized_mse(codes[:, :p] @ sae.W_dec_MD[:p] + sae.b_pre_D, xs) for p in sae.prefixes]
     loss = torch.stack(terms).mean()
     if dead is not None:
@@ -62,14 +66,15 @@ def test_forward_equals_decode_of_encode(batch_topk):
         torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("prefixes", [None, [8, 32], [4, 16, 32]])
-def test_sparse_loss_and_gradients_equal_dense_reference(prefixes):
-    sae = make(prefixes=prefixes)
+@pytest.mark.parametrize("prefixes,batch_topk", [(None, False), ([8, 32], False), ([4, 16, 32], False),
+                                                 ([8, 32], True)])
+def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk):
+    sae = make(prefixes=prefixes, batch_topk=batch_topk)
     sae.steps_since_fired[::3] = 10_000  # a third of the features dead: aux-K is on
     x = torch.randn(40, 12) * 3
     dead = sae.dead_mask()
-    sparse = sae_loss(sae, x, dead)["loss"]
-    sparse_grads = torch.autograd.grad(sparse, list(sae.parameters()))
+    sparse = sae_loss(sae, x, dead, backward=True)["loss"]
+    sparse_grads = [p.grad for p in sae.parameters()]
     dense = dense_reference_loss(sae, x, dead)
     dense_grads = torch.autograd.grad(dense, list(sae.parameters()))
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
@@ -83,10 +88,8 @@ def test_one_prefix_matryoshka_equals_plain_topk():
     torch.manual_seed(1)
     one = make(prefixes=[32])
     x = torch.randn(30, 12)
-    a, b = sae_loss(plain, x)["loss"], sae_loss(one, x)["loss"]
+    a, b = sae_loss(plain, x, backward=True)["loss"], sae_loss(one, x, backward=True)["loss"]
     assert a.item() == b.item()
-    a.backward()
-    b.backward()
     for p, q in zip(plain.parameters(), one.parameters()):
         assert torch.equal(p.grad, q.grad)
 
@@ -94,7 +97,7 @@ def test_one_prefix_matryoshka_equals_plain_topk():
 def test_unit_norm_decoder_after_a_step():
     sae = make()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    sae_loss(sae, torch.randn(30, 12) * 3)["loss"].backward()
+    sae_loss(sae, torch.randn(30, 12) * 3, backward=True)
     sae.remove_parallel_grad()
     assert ((sae.W_dec_MD.grad * sae.W_dec_MD).sum(1).abs() < 1e-5).all(), "gradient has no radial part"
     opt.step()
@@ -110,8 +113,10 @@ def test_aux_k_gives_gradient_to_dead_features():
     fired[out["idx"][out["vals"] > 0]] = True
     sae.steps_since_fired[~fired] = 10_000
     assert sae.dead_mask().any()
-    grad_without = torch.autograd.grad(sae_loss(sae, x)["loss"], sae.W_enc_MD)[0]
-    grad_with = torch.autograd.grad(sae_loss(sae, x, sae.dead_mask())["loss"], sae.W_enc_MD)[0]
+    sae_loss(sae, x, backward=True)
+    grad_without = sae.W_enc_MD.grad
+    sae_loss(sae, x, sae.dead_mask(), backward=True)
+    grad_with = sae.W_enc_MD.grad
     dead = sae.dead_mask()
     assert grad_without[dead].abs().sum() == 0
     assert (grad_with[dead].abs().sum(1) > 0).sum() > 0
@@ -165,9 +170,7 @@ def test_recovers_a_known_sparse_dictionary():
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for epoch in range(8):
         for batch in x[torch.randperm(n, generator=g)].split(256):
-            out = sae_loss(sae, batch, sae.dead_mask())
-            opt.zero_grad()
-            out["loss"].backward()
+            out = sae_loss(sae, batch, sae.dead_mask(), backward=True)
             sae.remove_parallel_grad()
             opt.step()
             sae.normalize_decoder()
