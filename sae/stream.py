@@ -97,17 +97,18 @@ def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[
 
 
 def init_sample(acts: Activations, train_ids: np.ndarray, selection: str, seed: int,
-                max_tokens: int = 1 << 15) -> torch.Tensor:
+                max_tokens: int = 1 << 13) -> torch.Tensor:
     """Trained-on rows of a random tenth of the training examples, at most max_tokens of them (so memory
     does not grow with the file): the sample for the input scale and b_pre's median."""
     perm = np.random.default_rng(seed).permutation(train_ids)
     lengths = acts.offsets[perm + 1] - acts.offsets[perm]
     within = int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1  # examples holding max_tokens tokens
     for ids in (perm[:min(max(1, len(perm) // 10), within)], perm[:within]):  # the second if the first has none
-        rows, keep = gather(acts, np.sort(ids), selection)
+        rows, roles, first = _read(acts, np.sort(ids))
+        keep = selected(roles, first, selection)
         if keep.any():
             break
-    return rows[torch.from_numpy(keep)][:max_tokens]
+    return torch.from_numpy(rows[keep][:max_tokens]).float()
 
 
 def chunks(acts: Activations, example_ids: np.ndarray, chunk_tokens: int) -> list[np.ndarray]:
@@ -213,7 +214,7 @@ def _prefetch(iterator, depth: int = 16):
         stop.set()
 
 
-def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 15):
+def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 13):
     """(rows, trained-on mask, roles, is-first) of the given examples chunk by chunk, in file order."""
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
         rows, roles, first = _gather(acts, c)
