@@ -200,7 +200,7 @@ def pad_right(arrays, fill=0, dtype=torch.long) -> tuple[torch.Tensor, torch.Ten
     out = torch.full((len(arrays), width), fill, dtype=dtype)
     mask = torch.zeros((len(arrays), width), dtype=torch.long)
     for row, a in enumerate(arrays):
-        out[row, :len(a)] = torch.as_tensor(a).to(dtype)
+        out[row, :len(a)] = torch.tensor(a, dtype=dtype)  # a copy: `a` may be a read-only memmap slice
         mask[row, :len(a)] = 1
     return out, mask
 
