@@ -218,9 +218,9 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
     vals_BJ = pre_BM.gather(1, idx_BJ).relu_()
     if valid_BJ is not None:
         vals_BJ.mul_(valid_BJ)
-    # residuals of each prefix's reconstruction (the decoded sum without b_pre, subtracted from x_s − b_pre)
-    # (the decoded sums keep a small graph to their codes: embedding_bag's backward then gives
-    # ⟨∂loss/∂x̂, W_dec[f_j]⟩ per entry without gathering the decoder rows)
+    # residuals of each prefix's reconstruction (the decoded sum without b_pre, subtracted from x_s − b_pre);
+    # the decoded sums keep a small graph to their codes, so that embedding_bag's own backward gives
+    # ⟨∂loss/∂x̂, W_dec[f_j]⟩ per entry without gathering the decoder rows
     vals_BJ.requires_grad_(backward)
     e_PBD = torch.empty(n_prefixes, b, d, dtype=xc_BD.dtype, device=xc_BD.device)
     with torch.enable_grad():
@@ -262,9 +262,10 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
         g_aux_BD = e_aux_BD.mul_(-2 * AUX_COEF / aux_beta)
         d_aux_BA, = torch.autograd.grad(aux_bag_BD, aux_vals_BA, grad_outputs=g_aux_BD)
         aux_vals_BA = aux_vals_BA.detach()
-        grad_W_dec += _rows_times(aux_idx_BA, tokens_BJ[:, :1].expand_as(aux_idx_BA), aux_vals_BA, b, g_aux_BD, m)
+        tokens_BA = tokens_BJ[:, :1].expand_as(aux_idx_BA)
+        grad_W_dec += _rows_times(aux_idx_BA, tokens_BA, aux_vals_BA, b, g_aux_BD, m)
         enc_idx.append(aux_idx_BA)
-        enc_rows.append(tokens_BJ[:, :1].expand_as(aux_idx_BA))
+        enc_rows.append(tokens_BA)
         enc_grads.append(d_aux_BA.mul_(aux_vals_BA > 0))
     enc_idx, enc_rows, enc_grads = (torch.cat(t, 1) for t in (enc_idx, enc_rows, enc_grads))
     grad_b_enc = torch.zeros_like(b_enc).index_add_(0, enc_idx.reshape(-1), enc_grads.reshape(-1))

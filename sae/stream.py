@@ -84,18 +84,6 @@ def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = N
     return rows, roles, first
 
 
-def _gather(acts: Activations, example_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(rows float32 (N, D), roles (N,), is-first (N,)) of the given examples, in the order given."""
-    rows, roles, first = _read(acts, example_ids)
-    return torch.from_numpy(rows).float(), roles, first  # torch converts float16 several times faster than numpy
-
-
-def gather(acts: Activations, example_ids: np.ndarray, selection: str) -> tuple[torch.Tensor, np.ndarray]:
-    """(rows float32 (N, D), trained-on mask (N,)) of the given examples, in the order given."""
-    rows, roles, first = _gather(acts, example_ids)
-    return rows, selected(roles, first, selection)
-
-
 def init_sample(acts: Activations, train_ids: np.ndarray, selection: str, seed: int,
                 max_tokens: int = 1 << 13) -> torch.Tensor:
     """Trained-on rows of a random tenth of the training examples, at most max_tokens of them (so memory
@@ -217,8 +205,8 @@ def _prefetch(iterator, depth: int = 16):
 def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 13):
     """(rows, trained-on mask, roles, is-first) of the given examples chunk by chunk, in file order."""
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
-        rows, roles, first = _gather(acts, c)
-        yield rows, torch.from_numpy(selected(roles, first, selection)), roles, first
+        rows, roles, first = _read(acts, c)
+        yield torch.from_numpy(rows).float(), torch.from_numpy(selected(roles, first, selection)), roles, first
 
 
 class ReconStats:
