@@ -127,7 +127,8 @@ class MixingStream:
                  seed: int, chunk_tokens: int = 4096, buffer_bytes: int = 1 << 26, rank: int = 0, world: int = 1):
         self.acts, self.example_ids, self.selection = acts, np.asarray(example_ids), selection
         self.batch_size, self.seed, self.chunk_tokens = batch_size, seed, chunk_tokens
-        # the mixing buffer: 64 MiB of float32 rows, and at least 16 batches
+        # the mixing buffer: as many tokens as 64 MiB of float32 rows (held as stored: float16 halves it), and
+        # at least 16 batches
         self.buffer_tokens = max(buffer_bytes // (4 * acts.d), 16 * batch_size)
         self.rank, self.world = rank, world
 
