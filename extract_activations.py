@@ -145,15 +145,15 @@ fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=laye
 store_dtype = np.dtype(STORE_DTYPE)
 
 
-def small_arrays(a, b, meta_extra):
-    """Everything but the activations for examples a:b, offsets counted from a."""
+def small_arrays(a, b, layer):
+    """Everything but the activations of `layer` for examples a:b, offsets counted from a."""
     meta = {"model": MODEL_NAME, "model_source": where["source"], "n_layers": n_blocks, "hidden_size": d_model,
             "dtype": str(dtype).replace("torch.", ""), "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH,
             "chat_template": use_template, "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256,
             "text_field": TEXT_FIELD, "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
             "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
             "roles": {"0": "special/template (and each example's first token)", "1": "system", "2": "user",
-                      "3": "assistant"}, "config": config, **meta_extra}
+                      "3": "assistant"}, "config": config, "layer": layer, "hook": f"blocks.{layer}.hook_resid_post"}
     arrays = {"offsets": offsets[a:b + 1] - offsets[a], "token_ids": np.concatenate(ids_per_example[a:b]),
               "token_role": np.concatenate(roles_per_example[a:b]),
               "example_index": np.asarray(example_index[a:b], dtype=np.int64), "meta": np.array(json.dumps(meta))}
@@ -236,7 +236,7 @@ if progress != "finished":
         elapsed = time.time() - t_start
         # ---- outputs: small arrays and metadata, then the rename that makes each file final
         for L in layers:
-            writers[L].finish(small_arrays(first, last, {"layer": L, "hook": f"blocks.{L}.hook_resid_post"}))
+            writers[L].finish(small_arrays(first, last, L))
         os.remove(progress_path)
     except OSError as e:
         if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
@@ -255,7 +255,7 @@ if world > 1:
                 part = open_activations(share)
                 for s in range(0, part.n_tokens, WINDOW_TOKENS):
                     writer.append(part.read_rows(s, min(s + WINDOW_TOKENS, part.n_tokens)))
-            writer.finish(small_arrays(0, n_examples, {"layer": L, "hook": f"blocks.{L}.hook_resid_post"}))
+            writer.finish(small_arrays(0, n_examples, L))
             for share in shares:
                 os.remove(share)
     processed, elapsed = dist.sum_and_max(processed, elapsed)

@@ -27,7 +27,7 @@ from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
 from sae.stream import (TOKEN_SELECTIONS, MixingStream, NonFiniteActivations, ReconStats, count_tokens,
-                        eval_batches, init_sample, selected, split_examples)
+                        eval_batches, init_sample, split_examples, trained_on)
 
 # ---- data
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
@@ -291,13 +291,8 @@ if EVAL_LM:
         model_dtype = lm.pick_dtype(acts.meta.get("config", {}).get("DTYPE", "auto"), device)
         model = lm.load_model(where, device, model_dtype)
         chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
-        examples = []
-        for i in chosen:
-            a, b = int(acts.offsets[i]), int(acts.offsets[i + 1])
-            first = np.zeros(b - a, dtype=bool)
-            first[0] = True
-            examples.append((np.asarray(acts.token_ids[a:b]), selected(np.asarray(acts.token_role[a:b]), first,
-                                                                        TRAIN_TOKENS)))
+        examples = [(np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]),
+                     trained_on(acts, np.array([i]), TRAIN_TOKENS)) for i in chosen]
         sae.eval()
         t0 = time.time()
         lm_metrics = lm.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,

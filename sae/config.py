@@ -17,7 +17,6 @@ import re
 import sys
 
 
-
 class ConfigError(Exception):
     """A bad input from the user: ends the script with one sentence and exit code 2."""
 
@@ -104,7 +103,7 @@ def describe(path: str) -> str:
     for line in open(path, encoding="utf-8"):
         if re.match(r"^# ----", line) and not re.match(r"^# -{10}", line):
             lines.append(line.rstrip())
-        elif _KNOB_LINE.match(line) and _KNOB_LINE.match(line).group(1) in knobs:
+        elif (m := _KNOB_LINE.match(line)) and m.group(1) in knobs:
             lines.append("  --" + line.split(" = ")[0].lower() + " = " + line.split(" = ", 1)[1].rstrip())
     return "\n".join(lines)
 

@@ -91,7 +91,8 @@ class SparseAutoencoder(nn.Module):
 
     # ---- the skeleton
     def centered(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return x_BD * self.scale - self.b_pre_D
+        """x_s − b_pre, in one pass."""
+        return torch.addcmul(-self.b_pre_D, x_BD, self.scale)
 
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b_enc_M, self.centered(x_BD), self.W_enc_MD.t())
@@ -171,13 +172,6 @@ class SparseAutoencoder(nn.Module):
         self.W_dec_MD.data = F.normalize(self.W_dec_MD.data, dim=1)
 
 
-def normalized_mse(pred_BD: torch.Tensor, target_BD: torch.Tensor, baseline=None) -> torch.Tensor:
-    """‖target − pred‖² over ‖target − batch mean‖² (1 = no better than predicting the mean)."""
-    if baseline is None:
-        baseline = (target_BD - target_BD.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return F.mse_loss(pred_BD, target_BD, reduction="sum") / baseline
-
-
 def _sum_sq(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(t.reshape(-1), t.reshape(-1))
 
@@ -210,8 +204,8 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
     Σ_p ∂loss/∂x̂_p). Only the K selected (and aux_k dead) features of each token are touched and no
     graph is kept; tests check it against autograd on the dense formulas."""
     n_prefixes, (b, d), m = len(sae.prefixes), x_BD.shape, sae.m
-    W_enc, b_enc, W_dec, b_pre = sae.W_enc_MD, sae.b_enc_M, sae.W_dec_MD, sae.b_pre_D
-    xc_BD = torch.addcmul(-b_pre, x_BD, sae.scale)  # x_s − b_pre
+    W_enc, b_enc, W_dec = sae.W_enc_MD, sae.b_enc_M, sae.W_dec_MD
+    xc_BD = sae.centered(x_BD)
     with autocast or contextlib.nullcontext():
         pre_BM = torch.addmm(b_enc, xc_BD, W_enc.t()).float()
     idx_BJ, valid_BJ = sae.select(pre_BM)

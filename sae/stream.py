@@ -65,6 +65,11 @@ def _roles_and_firsts(acts: Activations, example_ids: np.ndarray) -> tuple[np.nd
 _EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
 
+def trained_on(acts: Activations, example_ids: np.ndarray, selection: str) -> np.ndarray:
+    """Boolean mask of the trained-on tokens of the given examples' rows, concatenated in the order given."""
+    return selected(*_roles_and_firsts(acts, example_ids), selection)
+
+
 def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = None):
     """(rows as stored (N, D), roles (N,), is-first (N,)) of the given examples, in the order given,
     read into the start of `out` when given."""
@@ -72,12 +77,13 @@ def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = N
     dtype = acts.activations.dtype
     rows = np.empty((len(roles), acts.d), dtype=dtype) if out is None else out[:len(roles)]
     starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
-    for a, b, at in zip(starts, ends, np.cumsum(ends - starts) - (ends - starts)):
+    row_ends = np.cumsum(ends - starts)  # where each example's rows end in `rows`
+    for a, b, at in zip(starts, ends, row_ends - (ends - starts)):
         acts.read_rows(a, b, out=rows[at:at + b - a])
     uint, exponent = _EXPONENT_BITS[dtype]  # NaN and inf have every exponent bit set; faster than isfinite
     bad_rows = np.flatnonzero(((rows.view(uint) & exponent) == exponent).any(1))
     if len(bad_rows):
-        example = int(example_ids[np.searchsorted(np.cumsum(ends - starts), bad_rows[0], side="right")])
+        example = int(example_ids[np.searchsorted(row_ends, bad_rows[0], side="right")])
         raise NonFiniteActivations(
             f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "
             f"of {acts.meta.get('dataset_path')}); re-extract with --store_dtype=float32 or drop that example")
@@ -110,9 +116,9 @@ def count_tokens(acts: Activations, example_ids: np.ndarray, selection: str, chu
     """(trained-on tokens, left-out tokens) of the given examples."""
     kept = total = 0
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
-        roles, first = _roles_and_firsts(acts, c)
-        kept += int(selected(roles, first, selection).sum())
-        total += len(roles)
+        mask = trained_on(acts, c, selection)
+        kept += int(mask.sum())
+        total += len(mask)
     return kept, total - kept
 
 

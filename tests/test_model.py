@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.checkpoint import FORMAT, build_sae, load_checkpoint, save_atomic
-from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes, normalized_mse, sae_loss
+from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes, sae_loss
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +16,11 @@ def make(batch_topk=False, prefixes=None, m=32, k=4, d=12, bias=0.0):
     sae.init_from_data(torch.randn(256, d) * 3)
     sae.b_enc_M.data.fill_(bias)
     return sae
+
+
+def normalized_mse(pred, target):
+    """‖target − pred‖² over ‖target − batch mean‖²."""
+    return F.mse_loss(pred, target, reduction="sum") / (target - target.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
 
 
 def dense_reference_loss(sae, x, dead=None):
