@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae import dist, lm
+from sae import dist, fused as fused_step, lm
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
 from sae.config import configure, fail
@@ -78,6 +78,8 @@ if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
 rank, world = dist.rank(), dist.world()
+if device.type == "cpu":  # evaluation's chunk-sized tensors would page-fault in afresh every epoch
+    lm.keep_freed_memory()
 
 # ---- data
 try:
@@ -120,6 +122,7 @@ sae.init_from_data(sample)
 mean_activation_D = sample.mean(0)  # for the mean-ablation baseline of the LM evaluation
 sae.to(device)
 optimizer = torch.optim.Adam(sae.parameters(), lr=LR, fused=device.type in ("cpu", "cuda"))
+fused, no_fused = fused_step.load() if device.type == "cpu" else (None, None)  # the C step (sae/sae_step.c)
 start_epoch, best_loss, best_state, bad_epochs, history = 0, math.inf, None, 0, []
 if RESUME:
     try:
@@ -147,32 +150,38 @@ if RESUME:
 TOKEN_KINDS = ("first", "special", "system", "user", "assistant")  # role codes 0..3, and each example's first token
 
 
-def evaluate(model, ids, by_kind=False):
-    """Reconstruction metrics on the trained-on and the left-out tokens of the given examples, and
-    with by_kind on all their tokens split by kind."""
+def evaluate(model, ids, full=False):
+    """Reconstruction metrics on the trained-on tokens of the given examples (the per-epoch validation);
+    with full, also on the left-out tokens, on all tokens split by kind, and which features fired."""
     model.eval()
     kept, left = ReconStats(acts.d, len(model.prefixes)), ReconStats(acts.d, len(model.prefixes))
     kinds = {kind: ReconStats(acts.d) for kind in TOKEN_KINDS}
-    fired = torch.zeros(model.m, dtype=torch.bool)
+    fired = torch.zeros(model.m, dtype=torch.bool, device=device)
     with torch.no_grad():
         for x, keep, roles, first in eval_batches(acts, ids, TRAIN_TOKENS):
             x, keep = x.to(device), keep.to(device)
+            if not full:  # the trained-on tokens' errors, without building reconstructions
+                x = x[keep]
+                if not len(x):
+                    continue
+                out = sae_loss(model, x, fused=fused)
+                kept.add_errors(x, (out["sse"] / model.scale.double() ** 2).tolist(), (out["vals"] > 0).sum(1))
+                continue
             idx, vals = model.encode_sparse(x)
             recons = [r / model.scale for r in model.decode_prefixes(idx, vals)]
             l0 = (vals > 0).sum(1)
-            kept.add(x[keep].cpu(), [r[keep].cpu() for r in recons], l0[keep].cpu())
-            left.add(x[~keep].cpu(), [r[~keep].cpu() for r in recons], l0[~keep].cpu())
-            fired[idx[keep][vals[keep] > 0].cpu()] = True
-            if by_kind:
-                kind = np.where(first, 0, np.asarray(roles, dtype=np.int64) + 1)
-                for k, name in enumerate(TOKEN_KINDS):
-                    sel = torch.from_numpy(kind == k).to(device)
-                    kinds[name].add(x[sel].cpu(), [recons[-1][sel].cpu()], l0[sel].cpu())
+            kept.add(x[keep], [r[keep] for r in recons], l0[keep])
+            left.add(x[~keep], [r[~keep] for r in recons], l0[~keep])
+            fired[idx[keep][vals[keep] > 0]] = True
+            kind = np.where(first, 0, np.asarray(roles, dtype=np.int64) + 1)
+            for k, name in enumerate(TOKEN_KINDS):
+                sel = torch.from_numpy(kind == k).to(device)
+                kinds[name].add(x[sel], [recons[-1][sel]], l0[sel])
     model.train()
     out = kept.result()
-    out["never_fired_ratio"] = 1 - fired.float().mean().item()
-    out["left_out"] = left.result()
-    if by_kind:
+    if full:
+        out["never_fired_ratio"] = 1 - fired.float().mean().item()
+        out["left_out"] = left.result()
         out["by_token_kind"] = {name: {k: v for k, v in s.result().items() if k != "prefix_nmse"}
                                 for name, s in kinds.items()}
     return out
@@ -191,7 +200,9 @@ def checkpoint(epoch, finished, metrics=None):
 
 # ---- training
 print(f"SAE: M={M}, K={K}, {'BatchTopK' if USE_BATCH_TOPK else 'TopK'}, Matryoshka prefixes {prefixes}, "
-      f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}")
+      f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}{', fused C step' if fused else ''}")
+if no_fused:
+    print(f"Note: {no_fused}; training uses the PyTorch step (same results, about half the speed on a CPU)")
 steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
 if world > 1:  # data parallel: gradients, dead-feature counters and BatchTopK thresholds are combined below
     print(f"Data parallel over {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): effective batch "
@@ -209,12 +220,14 @@ try:
         for x in tqdm(batches, total=steps_per_epoch // world, desc=f"epoch {epoch + 1}", leave=False,
                       disable=rank > 0 or None):
             x = x.to(device, non_blocking=True)
-            out = sae_loss(sae, x, sae.dead_mask(), backward=True, autocast=autocast)
+            out = sae_loss(sae, x, sae.dead_mask(), backward=True, autocast=autocast, fused=fused)
+            grad_norm = out["grad_norm"]  # decoder gradients are already tangent to the unit-norm rows
             if world > 1:
                 for p in sae.parameters():
                     dist.average_(p.grad)
-            sae.remove_parallel_grad()
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP)
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()])
+            if device.type != "cpu" or grad_norm + 1e-6 > GRAD_CLIP:  # a CPU skips the no-op rescaling
+                torch.nn.utils.clip_grads_with_norm_(sae.parameters(), GRAD_CLIP, grad_norm)
             optimizer.step()
             sae.normalize_decoder()
             sae.update_dead(out["idx"], out["vals"], dist.any_process if world > 1 else None)
@@ -254,7 +267,7 @@ if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
-final = evaluate(sae, val_ids, by_kind=True)
+final = evaluate(sae, val_ids, full=True)
 left = final.pop("left_out")
 metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse": final["prefix_nmse"],
            "l0": final["l0"], "dead_ratio": sae.dead_mask().float().mean().item(),

@@ -117,12 +117,14 @@ class SparseAutoencoder(nn.Module):
         return idx_BJ, valid_BJ
 
     @torch.no_grad()
-    def encode_sparse(self, x_BD: torch.Tensor):
+    def codes_sparse(self, pre_BM: torch.Tensor):
         """(idx_BJ, vals_BJ): the selected features of each token and their (non-negative) codes."""
-        pre_BM = self.pre_acts(x_BD)
         idx_BJ, valid_BJ = self.select(pre_BM)
         vals_BJ = pre_BM.gather(1, idx_BJ).relu_()
         return idx_BJ, vals_BJ if valid_BJ is None else vals_BJ.mul_(valid_BJ)
+
+    def encode_sparse(self, x_BD: torch.Tensor):
+        return self.codes_sparse(self.pre_acts(x_BD))
 
     def decode_sparse(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor) -> torch.Tensor:
         """Reconstruction in the scaled space: the codes' sum of decoder rows, plus b_pre."""
@@ -155,7 +157,8 @@ class SparseAutoencoder(nn.Module):
     def update_dead(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor, combine=None):
         """One training step: features that fired reset to 0, the others age by one step. `combine`
         merges the fired mask over data-parallel processes (a feature fired if it fired anywhere)."""
-        fired_M = torch.zeros(self.m, dtype=torch.bool, device=idx_BJ.device).index_fill_(0, idx_BJ[vals_BJ > 0], True)
+        fired_M = torch.zeros(self.m, dtype=vals_BJ.dtype, device=idx_BJ.device).index_add_(
+            0, idx_BJ.reshape(-1), vals_BJ.reshape(-1)) > 0  # codes are >= 0: a positive sum means one fired
         if combine is not None:
             fired_M = combine(fired_M)
         self.steps_since_fired.add_(1).masked_fill_(fired_M, 0)
@@ -165,11 +168,12 @@ class SparseAutoencoder(nn.Module):
         """Drop the gradient component along each decoder row, so a step keeps rows near unit norm."""
         if self.W_dec_MD.grad is not None:
             w = self.W_dec_MD.data
-            self.W_dec_MD.grad -= (self.W_dec_MD.grad * w).sum(1, keepdim=True) * w
+            self.W_dec_MD.grad.addcmul_(torch.linalg.vecdot(self.W_dec_MD.grad, w).unsqueeze(1), w, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self):
-        self.W_dec_MD.data = F.normalize(self.W_dec_MD.data, dim=1)
+        w = self.W_dec_MD.data
+        w.div_(torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-12))
 
 
 def _sum_sq(t: torch.Tensor) -> torch.Tensor:
@@ -192,26 +196,41 @@ def _rows_times(idx_BJ: torch.Tensor, rows_BJ: torch.Tensor, weights_BJ: torch.T
 
 @torch.no_grad()
 def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | None = None,
-             backward: bool = False, autocast=None) -> dict:
+             backward: bool = False, autocast=None, fused=None) -> dict:
     """Training objective and its parts; `dead_M` marks dead features for the aux-K term (None: no aux).
+    out["sse"] holds each prefix's summed squared error ‖x_s − x̂_p‖² (in the scaled space).
 
-    With backward=True the gradients of the loss are written to the parameters' .grad. They are
-    computed by hand rather than by autograd: with e_p = x_s − x̂_p the residual of prefix p and
-    β = ‖x_s − mean‖²,  ∂loss/∂x̂_p = −2 e_p / (P β), and a selected feature of chunk c (the features
-    between two prefix ends) receives G_c = Σ_{p ≥ c} ∂loss/∂x̂_p. Then, per selected entry j of token b,
+    With backward=True the gradients of the loss are written to the parameters' .grad, W_dec's with
+    each row's radial part removed (remove_parallel_grad), and out["grad_norm"] is their total norm
+    (for clipping; with several processes, recompute it after averaging). They are computed by hand
+    rather than by autograd: with e_p = x_s − x̂_p the residual of prefix p and β = ‖x_s − mean‖²,
+    ∂loss/∂x̂_p = −2 e_p / (P β), and a selected feature of chunk c (the features between two prefix
+    ends) receives G_c = Σ_{p ≥ c} ∂loss/∂x̂_p. Then, per selected entry j of token b,
     ∂/∂code_j = ⟨G_c, W_dec[f_j]⟩, ∂/∂W_dec[f_j] += code_j G_c, and through the ReLU the pre-activation
     gradient g_j reaches W_enc[f_j] (+= g_j (x_s − b_pre)), b_enc[f_j] and b_pre (−W_encᵀ ∂b_enc, plus
     Σ_p ∂loss/∂x̂_p). Only the K selected (and aux_k dead) features of each token are touched and no
-    graph is kept; tests check it against autograd on the dense formulas."""
+    graph is kept; tests check it against autograd on the dense formulas. `fused` (sae.fused.FusedStep)
+    computes everything after the encoder matmul in one C call, for float32 on a CPU (with or without
+    backward)."""
     n_prefixes, (b, d), m = len(sae.prefixes), x_BD.shape, sae.m
     W_enc, b_enc, W_dec = sae.W_enc_MD, sae.b_enc_M, sae.W_dec_MD
     xc_BD = sae.centered(x_BD)
     with autocast or contextlib.nullcontext():
         pre_BM = torch.addmm(b_enc, xc_BD, W_enc.t()).float()
-    idx_BJ, valid_BJ = sae.select(pre_BM)
-    vals_BJ = pre_BM.gather(1, idx_BJ).relu_()
-    if valid_BJ is not None:
-        vals_BJ.mul_(valid_BJ)
+    if fused is not None and xc_BD.device.type == "cpu" and xc_BD.dtype == torch.float32:
+        done = fused(xc_BD, pre_BM, W_enc, W_dec, sae.prefixes, sae.k, sae.aux_k, AUX_COEF, dead_M,
+                     selected=sae.codes_sparse(pre_BM) if sae.batch_topk else None, grads=backward)
+        if done is not None:
+            idx_BJ, vals_BJ, parts, grads = done
+            out = {"loss": parts[n_prefixes + 1].float(), "nmse": parts[n_prefixes - 1].float(),
+                   "prefix_nmse": parts[:n_prefixes].float(), "sse": parts[:n_prefixes] * parts[-1],
+                   "aux": parts[n_prefixes].float(), "idx": idx_BJ, "vals": vals_BJ}
+            if backward:
+                for param, grad in zip((W_enc, b_enc, W_dec, sae.b_pre_D), grads):
+                    param.grad = grad
+                out["grad_norm"] = parts[-2].sqrt().float()
+            return out
+    idx_BJ, vals_BJ = sae.codes_sparse(pre_BM)
     # residuals of each prefix's reconstruction (the decoded sum without b_pre, subtracted from x_s − b_pre);
     # the decoded sums keep a small graph to their codes, so that embedding_bag's own backward gives
     # ⟨∂loss/∂x̂, W_dec[f_j]⟩ per entry without gathering the decoder rows
@@ -223,7 +242,8 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
     for p, bag_BD in enumerate(bags):
         torch.sub(xc_BD, bag_BD.detach(), out=e_PBD[p])
     beta = _spread_baseline(xc_BD)
-    prefix_nmse = torch.stack([_sum_sq(e) for e in e_PBD]) / beta
+    sse = torch.stack([_sum_sq(e) for e in e_PBD])
+    prefix_nmse = sse / beta
     loss = prefix_nmse.mean()
     aux = torch.zeros((), device=x_BD.device)
     use_aux = dead_M is not None and sae.aux_k > 0 and bool(dead_M.any())
@@ -238,7 +258,7 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
         e_aux_BD = target_BD - aux_bag_BD.detach()
         aux = _sum_sq(e_aux_BD) / aux_beta
         loss = loss + AUX_COEF * aux
-    out = {"loss": loss, "nmse": prefix_nmse[-1], "prefix_nmse": prefix_nmse, "aux": aux,
+    out = {"loss": loss, "nmse": prefix_nmse[-1], "prefix_nmse": prefix_nmse, "sse": sse, "aux": aux,
            "idx": idx_BJ, "vals": vals_BJ}
     if not backward:
         return out
@@ -267,4 +287,6 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
     sae.b_enc_M.grad = grad_b_enc
     sae.W_dec_MD.grad = grad_W_dec
     sae.b_pre_D.grad = G_PBD[0].sum(0) - grad_b_enc @ W_enc
+    sae.remove_parallel_grad()
+    out["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()])
     return out

@@ -218,29 +218,40 @@ def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chu
 
 class ReconStats:
     """Running sums for MSE, normalized MSE (against the mean of the same tokens), relative error
-    (against predicting zero: for sets of near-identical tokens, such as first tokens) and L0."""
+    (against predicting zero: for sets of near-identical tokens, such as first tokens) and L0. The
+    spread around the mean is merged batch by batch (Chan et al.'s pairwise update), so float32 sums
+    of centred values suffice."""
 
     def __init__(self, d: int, n_prefixes: int = 1):
         self.n = 0
         self.sse = np.zeros(n_prefixes)
-        self.sum_x = np.zeros(d)
+        self.mean = np.zeros(d)
+        self.spread = 0.0  # Σ‖x − mean‖²
         self.sum_x2 = 0.0
         self.l0 = 0.0
 
     def add(self, x_BD: torch.Tensor, recon_PBD: list[torch.Tensor], l0_B: torch.Tensor):
+        self.add_errors(x_BD, [F.mse_loss(r, x_BD, reduction="sum").item() for r in recon_PBD], l0_B)
+
+    def add_errors(self, x_BD: torch.Tensor, sse_P, l0_B: torch.Tensor):
+        """Tokens x with the summed squared reconstruction error of each prefix."""
         if len(x_BD) == 0:
             return
-        self.n += len(x_BD)
-        self.sse += np.array([F.mse_loss(r, x_BD, reduction="sum").item() for r in recon_PBD])
-        self.sum_x += x_BD.sum(0, dtype=torch.float64).cpu().numpy()
-        self.sum_x2 += x_BD.pow(2).sum(dtype=torch.float64).item()
+        b, total = len(x_BD), self.n + len(x_BD)
+        self.sse += np.asarray(sse_P, dtype=np.float64)
+        mean_D = x_BD.mean(0)
+        delta = mean_D.double().cpu().numpy() - self.mean
+        self.spread += F.mse_loss(x_BD, mean_D.expand_as(x_BD), reduction="sum").item() + \
+            float(delta @ delta) * self.n * b / total
+        self.mean += delta * b / total
+        self.n = total
+        self.sum_x2 += torch.linalg.vector_norm(x_BD).item() ** 2
         self.l0 += l0_B.sum().item()
 
     def result(self) -> dict:
         if self.n == 0:
             return {"tokens": 0}
-        d = len(self.sum_x)
-        ss_total = self.sum_x2 - (self.sum_x ** 2).sum() / self.n
+        d, ss_total = len(self.mean), self.spread
         if ss_total <= 1e-6 * self.sum_x2:  # all alike (e.g. first tokens): no variance to normalize by
             nmse = np.full_like(self.sse, np.nan)
         else:

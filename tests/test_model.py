@@ -1,7 +1,11 @@
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from sae import fused
 from sae.checkpoint import FORMAT, build_sae, load_checkpoint, save_atomic
 from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes, sae_loss
 
@@ -9,6 +13,16 @@ from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixe
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def fused_step():
+    """The C training step; skipped only where there is no C compiler at all."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the fused CPU step cannot be built here")
+    step, why_not = fused.load()
+    assert step is not None, why_not
+    return step
 
 
 def make(batch_topk=False, prefixes=None, m=32, k=4, d=12, bias=0.0):
@@ -71,20 +85,71 @@ def test_forward_equals_decode_of_encode(batch_topk):
         torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("step", ["pytorch", "fused C"])
 @pytest.mark.parametrize("prefixes,batch_topk", [(None, False), ([8, 32], False), ([4, 16, 32], False),
                                                  ([8, 32], True)])
-def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk):
+def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, step, request):
+    """Both training steps against autograd on the dense formulas; the decoder gradient rows lose their
+    component along the (unit) decoder rows."""
     sae = make(prefixes=prefixes, batch_topk=batch_topk)
     sae.steps_since_fired[::3] = 10_000  # a third of the features dead: aux-K is on
     x = torch.randn(40, 12) * 3
     dead = sae.dead_mask()
-    sparse = sae_loss(sae, x, dead, backward=True)["loss"]
-    sparse_grads = [p.grad for p in sae.parameters()]
     dense = dense_reference_loss(sae, x, dead)
-    dense_grads = torch.autograd.grad(dense, list(sae.parameters()))
-    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    dense_grads = list(torch.autograd.grad(dense, list(sae.parameters())))
+    w = sae.W_dec_MD.detach()
+    dense_grads[2] = dense_grads[2] - (dense_grads[2] * w).sum(1, keepdim=True) * w
+    fused_step = None if step == "pytorch" else request.getfixturevalue("fused_step")
+    out = sae_loss(sae, x, dead, backward=True, fused=fused_step)
+    sparse_grads = [p.grad for p in sae.parameters()]
+    torch.testing.assert_close(out["loss"], dense.detach(), rtol=1e-5, atol=1e-6)
     for (name, _), a, b in zip(sae.named_parameters(), sparse_grads, dense_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    dense_norm = torch.cat([g.flatten() for g in dense_grads]).norm()
+    torch.testing.assert_close(out["grad_norm"], dense_norm, rtol=1e-4, atol=1e-6)
+    if not batch_topk:  # the fused step picks the top K itself
+        assert torch.equal(out["idx"].sort(1).values, sae.pre_acts(x).topk(sae.k, dim=-1).indices.sort(1).values)
+
+
+@pytest.mark.parametrize("m,k", [(256, 8), (100, 3), (64, 16)])
+def test_fused_step_selects_the_k_largest(fused_step, m, k):
+    """Block maxima bound the K-th largest (M=256, 100 with a partial last block); few blocks: a heap."""
+    sae = make(m=m, k=k, bias=0.5)
+    x = torch.randn(64, 12) * 3
+    out = sae_loss(sae, x, backward=True, fused=fused_step)
+    pre = sae.pre_acts(x)
+    assert torch.equal(out["idx"].sort(1).values, pre.topk(k, dim=-1).indices.sort(1).values)
+    torch.testing.assert_close(out["vals"], pre.gather(1, out["idx"]).relu())
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_fused_evaluation_equals_pytorch(fused_step, batch_topk):
+    """Without backward (the per-epoch validation) the C step gives the same codes and errors."""
+    sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.3).eval()
+    x = torch.randn(50, 12) * 3
+    a, b = sae_loss(sae, x), sae_loss(sae, x, fused=fused_step)
+    assert all(p.grad is None for p in sae.parameters())
+    torch.testing.assert_close(b["sse"].float(), a["sse"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b["prefix_nmse"], a["prefix_nmse"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((b["vals"] > 0).sum(1), (a["vals"] > 0).sum(1))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fused_step_splits_work_between_any_number_of_threads(fused_step, threads):
+    sae = make(prefixes=[8, 32])
+    sae.steps_since_fired[::3] = 10_000
+    x = torch.randn(37, 12) * 3
+    reference = sae_loss(sae, x, sae.dead_mask(), backward=True)
+    reference_grads = [p.grad for p in sae.parameters()]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sae_loss(sae, x, sae.dead_mask(), backward=True, fused=fused_step)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out["loss"], reference["loss"])
+    for a, p in zip(reference_grads, sae.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
 
 
 def test_one_prefix_matryoshka_equals_plain_topk():
@@ -176,7 +241,6 @@ def test_recovers_a_known_sparse_dictionary():
     for epoch in range(8):
         for batch in x[torch.randperm(n, generator=g)].split(256):
             out = sae_loss(sae, batch, sae.dead_mask(), backward=True)
-            sae.remove_parallel_grad()
             opt.step()
             sae.normalize_decoder()
             sae.update_dead(out["idx"], out["vals"])

@@ -97,6 +97,19 @@ def test_batch_topk_trains_and_saves_threshold(tmp_path, acts_path):
     assert ckpt["state_dict"]["threshold"] > 0 and ckpt["sae_config"]["batch_topk"]
 
 
+def test_without_a_c_compiler_training_takes_the_pytorch_step_to_the_same_result(tmp_path, acts_path):
+    args = [f"--activations_path={acts_path}", *SMALL, "--n_epochs=3", "--export_saelens=False"]
+    plain = run_script("train_sae.py", *args, "--run_name=plain", cwd=tmp_path, env=dict(os.environ, CC="no-such-cc"))
+    assert "Note: no C compiler (no-such-cc) on PATH; training uses the PyTorch step" in plain.stdout
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here: only the PyTorch step can run")
+    fused = run_script("train_sae.py", *args, "--run_name=fused", cwd=tmp_path)
+    assert "fused C step" in fused.stdout and "Note:" not in fused.stdout
+    a, b = (torch.load(tmp_path / "checkpoints" / run / "SAE_M=16_K=4.pt", weights_only=True)
+            for run in ("plain", "fused"))
+    assert [h["val_loss"] for h in a["history"]] == pytest.approx([h["val_loss"] for h in b["history"]], rel=1e-3)
+
+
 def _truncated(tmp_path, acts_path):
     path = tmp_path / "truncated.npz"
     data = open(acts_path, "rb").read()

@@ -1,0 +1,377 @@
+/* The sparse part of one SAE training step on the CPU: TopK selection, Matryoshka prefix
+ * reconstructions, the loss, and the hand-written gradients of sae/model.py's sae_loss (same formulas,
+ * same notation; its docstring derives them). The dense encoder matmul stays in PyTorch (BLAS); this
+ * replaces the ~20 small PyTorch ops after it, each of which read or wrote a whole B×D or B×M tensor.
+ *
+ * The batch baselines β (of x_c) and β_aux (of e_{P-1}) are known only once every token is seen, but
+ * they only scale the gradients: ∂loss/∂x̂_p = c·e_p with c = −2/(Pβ), and likewise for aux-K with
+ * c_aux = −2·AUX_COEF/β_aux. So each token is visited once, with its decoder rows still in cache, and
+ * the scales are applied when the entries are grouped:
+ *   1. per token (threads split the tokens): the K largest pre-activations (when `select`); the
+ *      residual of every prefix e_p = x_c − Σ_{chunks ≤ p} codes·W_dec and its sum of squares; with
+ *      aux-K the residual of reconstructing e_{P-1} from the aux_k largest dead pre-activations; then
+ *      Ẽ_c = Σ_{p ≥ c} e_p and the unscaled code gradients ⟨Ẽ_chunk, W_dec[f]⟩ (⟨e_aux, W_dec[f]⟩).
+ *   2. one thread: the loss (all there is without `grads`, as in evaluation), the scales, and the entries with a nonzero code grouped by feature
+ *      (a counting sort), each carrying its scaled code and its scaled pre-activation gradient.
+ *   3. per feature (threads split the features): W_dec, W_enc and b_enc gradients from the entries;
+ *      the W_dec row's gradient made orthogonal to the row (the unit-norm constraint, as
+ *      SparseAutoencoder.remove_parallel_grad); the squared gradient norm. Then b_pre's gradient,
+ *      c·Σ_b Ẽ_0 − W_encᵀ ∂b_enc.
+ * Built by sae/fused.py with the system C compiler and OpenMP; float32, row-major, contiguous arrays. */
+#include <omp.h>
+#include <stdint.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int64_t B, D, M, J, A, P, threads, select, grads; /* grads 0: the loss only (evaluation) */
+    const int64_t *prefix_ends;           /* P increasing ends, the last one M */
+    const float *xc, *pre, *W_dec, *W_enc; /* B×D (x_s − b_pre), B×M, M×D, M×D */
+    const uint8_t *dead;                  /* M flags, or NULL: no aux-K term */
+    int64_t *idx;                         /* B×J selected features: written when select, else read */
+    float *vals;                          /* B×J their codes (ReLU'd; 0 = not a real entry) */
+    float *g_W_enc, *g_b_enc, *g_W_dec, *g_b_pre; /* gradients, all written (with grads) */
+    double aux_coef;
+    double *out;                          /* P prefix normalized MSEs, aux normalized MSE, loss,
+                                             squared norm of all the gradients, β */
+} Step;
+
+enum { COL_X, COL_E, COL_G, COL_W, N_COL }; /* per-thread column sums: x_c, e_{P-1}, Ẽ_0, W_encᵀ∂b_enc */
+
+typedef struct {
+    const Step *s;
+    int64_t T, n_dead, A;  /* threads, dead features, aux entries per token (≤ aux_k) */
+    int64_t *dead_list, *fill;
+    float *cand;     /* T×M scratch: block maxima for top_n, a token's dead pre-activations */
+    float *E;        /* (P+1)×B×D: Ẽ_c for each chunk c, then the aux residual */
+    float *gpre;     /* B×J unscaled code gradients */
+    int64_t *aux_idx; float *aux_vals, *aux_g; /* B×A */
+    double *ss;      /* B×(P+2): ‖x_c‖², ‖e_p‖² for each p, ‖e_aux‖² */
+    double *col;     /* T×N_COL×D */
+    double *sq;      /* T squared gradient norms */
+    float c_main, c_aux;
+    int64_t *start, *ent_src, *ent_row, *fbounds; /* entries grouped by feature, features per thread */
+    float *ent_val, *ent_g;
+} Ctx;
+
+static inline int64_t chunk_of(const Step *s, int64_t f) {
+    int64_t c = 0;
+    while (f >= s->prefix_ends[c]) c++;
+    return c;
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static inline void axpy(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static inline double *col(Ctx *c, int64_t t, int which) { return c->col + (t * N_COL + which) * c->s->D; }
+
+/* Min-heap of the n largest seen so far (val[0] the smallest); ties keep the earlier one. */
+static inline void heap_offer(float x, int64_t f, int64_t *size, int64_t n, int64_t *idx, float *val) {
+    int64_t pos;
+    if (*size < n) { /* sift up */
+        pos = (*size)++;
+        while (pos > 0 && val[(pos - 1) / 2] > x) {
+            val[pos] = val[(pos - 1) / 2]; idx[pos] = idx[(pos - 1) / 2]; pos = (pos - 1) / 2;
+        }
+    } else if (x > val[0]) { /* replace the root, sift down */
+        pos = 0;
+        for (;;) {
+            int64_t l = 2 * pos + 1, r = l + 1, m = pos;
+            float mv = x;
+            if (l < n && val[l] < mv) { m = l; mv = val[l]; }
+            if (r < n && val[r] < mv) m = r;
+            if (m == pos) break;
+            val[pos] = val[m]; idx[pos] = idx[m]; pos = m;
+        }
+    } else {
+        return;
+    }
+    val[pos] = x; idx[pos] = f;
+}
+
+/* Whether any of v[0..8) is at least thr, and their largest: one vector op each where the CPU has AVX */
+static inline int any_at_least(const float *v, float thr) {
+#if defined(__AVX__)
+    return _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), _mm256_set1_ps(thr), _CMP_GE_OQ));
+#else
+    int any = 0;
+    for (int u = 0; u < 8; u++) any |= v[u] >= thr;
+    return any;
+#endif
+}
+
+static inline float max8(const float *v) {
+#if defined(__AVX__)
+    __m256 m = _mm256_loadu_ps(v);
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+#else
+    float m = v[0];
+    for (int u = 1; u < 8; u++) m = v[u] > m ? v[u] : m;
+    return m;
+#endif
+}
+
+static void heap_top_n(const float *v, int64_t len, int64_t n, int64_t *idx, float *val) {
+    int64_t size = 0;
+    for (int64_t i = 0; i < len; i++) heap_offer(v[i], i, &size, n, idx, val);
+}
+
+/* The n largest of v[0..len). The n-th largest of the maxima of blocks of 8 is a lower bound for the
+ * n-th largest value (n blocks hold a value at least that large), so only the few values at or above it
+ * go through the heap. `scratch` holds len/8 floats. */
+static void top_n(const float *restrict v, int64_t len, int64_t n, int64_t *idx, float *val, float *scratch) {
+    int64_t blocks = len / 8, size = 0, i;
+    if (blocks < 2 * n) {
+        heap_top_n(v, len, n, idx, val);
+        return;
+    }
+    for (int64_t b = 0; b < blocks; b++) scratch[b] = max8(v + 8 * b);
+    heap_top_n(scratch, blocks, n, idx, val);
+    float bound = val[0];
+    for (i = 0; i + 8 <= len; i += 8)
+        if (any_at_least(v + i, bound))
+            for (int u = 0; u < 8; u++)
+                if (v[i + u] >= bound) heap_offer(v[i + u], i + u, &size, n, idx, val);
+    for (; i < len; i++) heap_offer(v[i], i, &size, n, idx, val);
+}
+
+static void per_token(Ctx *c, int64_t t) {
+    const Step *s = c->s;
+    int64_t B = s->B, D = s->D, J = s->J, P = s->P, A = c->A;
+    double *colx = col(c, t, COL_X), *cole = col(c, t, COL_E), *colg = col(c, t, COL_G);
+    memset(colx, 0, 3 * D * sizeof(double));
+    float *cand = c->cand + t * s->M;
+    for (int64_t b = B * t / c->T; b < B * (t + 1) / c->T; b++) {
+        const float *x = s->xc + b * D, *pre = s->pre + b * s->M;
+        int64_t *ib = s->idx + b * J;
+        float *vb = s->vals + b * J;
+        double *ss = c->ss + b * (P + 2);
+        if (s->select) {
+            top_n(pre, s->M, J, ib, vb, cand);
+            for (int64_t j = 0; j < J; j++) vb[j] = vb[j] > 0.f ? vb[j] : 0.f;
+        }
+        const float *prev = x;
+        for (int64_t p = 0; p < P; p++) {
+            float *e = c->E + (p * B + b) * D;
+            memcpy(e, prev, D * sizeof(float));
+            for (int64_t j = 0; j < J; j++)
+                if (vb[j] > 0.f && chunk_of(s, ib[j]) == p) axpy(e, -vb[j], s->W_dec + ib[j] * D, D);
+            ss[1 + p] = dot(e, e, D);
+            prev = e;
+        }
+        ss[0] = dot(x, x, D);
+        for (int64_t d = 0; d < D; d++) colx[d] += x[d];
+        if (!s->grads)
+            continue;
+        if (A) {
+            int64_t *ia = c->aux_idx + b * A;
+            float *va = c->aux_vals + b * A, *ea = c->E + (P * B + b) * D;
+            for (int64_t i = 0; i < c->n_dead; i++) cand[i] = pre[c->dead_list[i]];
+            heap_top_n(cand, c->n_dead, A, ia, va);
+            memcpy(ea, prev, D * sizeof(float));
+            for (int64_t a = 0; a < A; a++) {
+                ia[a] = c->dead_list[ia[a]];
+                va[a] = va[a] > 0.f ? va[a] : 0.f;
+                if (va[a] > 0.f) axpy(ea, -va[a], s->W_dec + ia[a] * D, D);
+            }
+            ss[P + 1] = dot(ea, ea, D);
+            for (int64_t d = 0; d < D; d++) cole[d] += prev[d];
+            for (int64_t a = 0; a < A; a++)
+                c->aux_g[b * A + a] = va[a] > 0.f ? dot(ea, s->W_dec + ia[a] * D, D) : 0.f;
+        }
+        for (int64_t p = P - 2; p >= 0; p--) /* Ẽ_p = e_p + Ẽ_{p+1} */
+            axpy(c->E + (p * B + b) * D, 1.f, c->E + ((p + 1) * B + b) * D, D);
+        const float *g0 = c->E + b * D;
+        for (int64_t d = 0; d < D; d++) colg[d] += g0[d];
+        for (int64_t j = 0; j < J; j++)
+            c->gpre[b * J + j] = vb[j] > 0.f ? dot(c->E + (chunk_of(s, ib[j]) * B + b) * D, s->W_dec + ib[j] * D, D) : 0.f;
+    }
+}
+
+/* ‖t − batch mean‖² from Σ‖t_b‖² (column ss_col of ss) and the per-thread column sums `which` */
+static double spread(Ctx *c, int64_t ss_col, int which) {
+    const Step *s = c->s;
+    int64_t B = s->B, D = s->D, P = s->P;
+    double total = 0., mean_sq = 0.;
+    for (int64_t b = 0; b < B; b++) total += c->ss[b * (P + 2) + ss_col];
+    for (int64_t d = 0; d < D; d++) {
+        double m = 0.;
+        for (int64_t t = 0; t < c->T; t++) m += col(c, t, which)[d];
+        m /= (double)B;
+        mean_sq += m * m;
+    }
+    double v = total - (double)B * mean_sq;
+    return v > 1e-12 ? v : 1e-12;
+}
+
+static void reduce_loss(Ctx *c) {
+    const Step *s = c->s;
+    int64_t B = s->B, P = s->P;
+    double beta = spread(c, 0, COL_X), loss = 0.;
+    for (int64_t p = 0; p < P; p++) {
+        double e = 0.;
+        for (int64_t b = 0; b < B; b++) e += c->ss[b * (P + 2) + 1 + p];
+        s->out[p] = e / beta;
+        loss += s->out[p] / (double)P;
+    }
+    s->out[P] = 0.;
+    if (c->A) {
+        double aux_beta = spread(c, P, COL_E), e = 0.;
+        for (int64_t b = 0; b < B; b++) e += c->ss[b * (P + 2) + P + 1];
+        s->out[P] = e / aux_beta;
+        loss += s->aux_coef * s->out[P];
+        c->c_aux = (float)(-2. * s->aux_coef / aux_beta);
+    }
+    s->out[P + 1] = loss;
+    s->out[P + 3] = beta;
+    c->c_main = (float)(-2. / ((double)P * beta));
+}
+
+/* Group the entries with a nonzero code by feature, scaled, and split the features between threads so
+ * that each gets about the same number of entries. */
+static void group_entries(Ctx *c) {
+    const Step *s = c->s;
+    int64_t B = s->B, J = s->J, M = s->M, A = c->A, P = s->P;
+    int64_t *start = c->start;
+    memset(start, 0, (M + 1) * sizeof(int64_t));
+    for (int64_t i = 0; i < B * J; i++) if (s->vals[i] > 0.f) start[s->idx[i] + 1]++;
+    for (int64_t i = 0; i < B * A; i++) if (c->aux_vals[i] > 0.f) start[c->aux_idx[i] + 1]++;
+    for (int64_t f = 0; f < M; f++) start[f + 1] += start[f];
+    int64_t *fill = c->fill;
+    memcpy(fill, start, M * sizeof(int64_t));
+    for (int64_t i = 0; i < B * J; i++) {
+        if (!(s->vals[i] > 0.f)) continue;
+        int64_t f = s->idx[i], b = i / J, k = fill[f]++;
+        c->ent_src[k] = chunk_of(s, f) * B + b; c->ent_row[k] = b;
+        c->ent_val[k] = c->c_main * s->vals[i]; c->ent_g[k] = c->c_main * c->gpre[i];
+    }
+    for (int64_t i = 0; i < B * A; i++) {
+        if (!(c->aux_vals[i] > 0.f)) continue;
+        int64_t f = c->aux_idx[i], b = i / A, k = fill[f]++;
+        c->ent_src[k] = P * B + b; c->ent_row[k] = b;
+        c->ent_val[k] = c->c_aux * c->aux_vals[i]; c->ent_g[k] = c->c_aux * c->aux_g[i];
+    }
+    /* cost of a feature: its entries plus one (zeroing its rows) */
+    int64_t total = start[M] + M, f = 0;
+    c->fbounds[0] = 0;
+    for (int64_t t = 1; t < c->T; t++) {
+        while (f < M && start[f] + f < total * t / c->T) f++;
+        c->fbounds[t] = f;
+    }
+    c->fbounds[c->T] = M;
+}
+
+static void per_feature(Ctx *c, int64_t t) {
+    const Step *s = c->s;
+    int64_t D = s->D;
+    double *wb = col(c, t, COL_W), sq = 0.;
+    memset(wb, 0, D * sizeof(double));
+    for (int64_t f = c->fbounds[t]; f < c->fbounds[t + 1]; f++) {
+        float *wd = s->g_W_dec + f * D, *we = s->g_W_enc + f * D, gb = 0.f;
+        memset(wd, 0, D * sizeof(float));
+        memset(we, 0, D * sizeof(float));
+        for (int64_t k = c->start[f]; k < c->start[f + 1]; k++) {
+            axpy(wd, c->ent_val[k], c->E + c->ent_src[k] * D, D);
+            axpy(we, c->ent_g[k], s->xc + c->ent_row[k] * D, D);
+            gb += c->ent_g[k];
+        }
+        s->g_b_enc[f] = gb;
+        if (c->start[f + 1] == c->start[f])
+            continue;
+        const float *w = s->W_dec + f * D, *v = s->W_enc + f * D;
+        axpy(wd, -dot(wd, w, D), w, D);
+        sq += (double)dot(wd, wd, D) + (double)dot(we, we, D) + (double)gb * gb;
+        for (int64_t d = 0; d < D; d++) wb[d] += (double)gb * v[d];
+    }
+    c->sq[t] = sq;
+}
+
+static void finish_b_pre(Ctx *c) {
+    const Step *s = c->s;
+    double sq = 0.;
+    for (int64_t d = 0; d < s->D; d++) {
+        double g = 0., w = 0.;
+        for (int64_t t = 0; t < c->T; t++) {
+            g += col(c, t, COL_G)[d];
+            w += col(c, t, COL_W)[d];
+        }
+        s->g_b_pre[d] = (float)(c->c_main * g - w);
+        sq += (double)s->g_b_pre[d] * s->g_b_pre[d];
+    }
+    for (int64_t t = 0; t < c->T; t++) sq += c->sq[t];
+    s->out[s->P + 2] = sq;
+}
+
+/* Returns 0, or -1 when memory could not be had (the caller falls back to PyTorch). */
+int sae_step(const Step *s) {
+    Ctx c = {0};
+    int64_t B = s->B, D = s->D, M = s->M, P = s->P;
+    if (B < 1 || D < 1 || s->J < 1 || P < 1) return -1;
+    c.s = s;
+    c.T = s->threads < 1 ? 1 : s->threads > B ? B : s->threads;
+    if (s->dead && s->A > 0 && s->grads) {
+        c.dead_list = malloc(M * sizeof(int64_t));
+        if (!c.dead_list) return -1;
+        for (int64_t f = 0; f < M; f++) if (s->dead[f]) c.dead_list[c.n_dead++] = f;
+        c.A = c.n_dead < s->A ? c.n_dead : s->A;
+    }
+    int64_t A = c.A, n_ent = B * (s->J + A);
+    c.E = malloc((P + 1) * B * D * sizeof(float));
+    c.gpre = malloc(B * s->J * sizeof(float));
+    c.aux_idx = malloc((B * A + 1) * sizeof(int64_t));
+    c.aux_vals = malloc((B * A + 1) * sizeof(float));
+    c.aux_g = malloc((B * A + 1) * sizeof(float));
+    c.ss = malloc(B * (P + 2) * sizeof(double));
+    c.col = malloc(c.T * N_COL * D * sizeof(double));
+    c.sq = malloc(c.T * sizeof(double));
+    c.start = malloc((M + 1) * sizeof(int64_t));
+    c.fill = malloc(M * sizeof(int64_t));
+    c.cand = malloc(c.T * M * sizeof(float));
+    c.fbounds = malloc((c.T + 1) * sizeof(int64_t));
+    c.ent_src = malloc((n_ent + 1) * sizeof(int64_t));
+    c.ent_row = malloc((n_ent + 1) * sizeof(int64_t));
+    c.ent_val = malloc((n_ent + 1) * sizeof(float));
+    c.ent_g = malloc((n_ent + 1) * sizeof(float));
+    int rc = -1;
+    if (c.E && c.gpre && c.aux_idx && c.aux_vals && c.aux_g && c.ss && c.col && c.sq && c.start && c.fill && c.cand && c.fbounds
+        && c.ent_src && c.ent_row && c.ent_val && c.ent_g) {
+        /* PyTorch's own OpenMP runtime and thread team (the library is linked against the libgomp that
+         * torch has loaded): no second pool competing for the cores */
+        #pragma omp parallel num_threads((int)c.T)
+        {
+            #pragma omp single
+            c.T = omp_get_num_threads();
+            int64_t t = omp_get_thread_num();
+            per_token(&c, t);
+            #pragma omp barrier
+            #pragma omp single
+            {
+                reduce_loss(&c);
+                if (s->grads) group_entries(&c);
+            }
+            if (s->grads) {
+                per_feature(&c, t);
+                #pragma omp barrier
+                #pragma omp single
+                finish_b_pre(&c);
+            }
+        }
+        rc = 0;
+    }
+    free(c.dead_list); free(c.E); free(c.gpre); free(c.aux_idx); free(c.aux_vals); free(c.aux_g);
+    free(c.ss); free(c.col); free(c.sq); free(c.start); free(c.fill); free(c.cand); free(c.fbounds);
+    free(c.ent_src); free(c.ent_row); free(c.ent_val); free(c.ent_g);
+    return rc;
+}
