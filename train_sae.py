@@ -226,10 +226,12 @@ try:
                 for p in sae.parameters():
                     dist.average_(p.grad)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()])
-            if device.type != "cpu" or grad_norm + 1e-6 > GRAD_CLIP:  # a CPU skips the no-op rescaling
+            if fused is not None:  # clipping, Adam and the unit-norm decoder rows in one pass per parameter
+                fused.adam_step(optimizer, min(1.0, GRAD_CLIP / (float(grad_norm) + 1e-6)), unit_rows=[sae.W_dec_MD])
+            else:
                 torch.nn.utils.clip_grads_with_norm_(sae.parameters(), GRAD_CLIP, grad_norm)
-            optimizer.step()
-            sae.normalize_decoder()
+                optimizer.step()
+                sae.normalize_decoder()
             sae.update_dead(out["idx"], out["vals"], dist.any_process if world > 1 else None)
             if USE_BATCH_TOPK and world > 1:
                 dist.average_(sae.threshold)

@@ -1,10 +1,12 @@
-"""The sparse part of a CPU training step as one C function (sae/sae_step.c: selection, prefix
-residuals, loss and hand-written gradients), built on first use with the system C compiler and kept in
-a cache folder keyed by the source, the flags and the CPU. Where it cannot be built, `load` says why
-and training uses sae_loss's PyTorch path: the same math, about half the speed on a CPU.
+"""A CPU training step in C (sae/sae_step.c): after the encoder matmul, one function for selection,
+prefix residuals, loss and hand-written gradients, and one for the optimizer step (Adam with clipping
+and the unit-norm decoder). Built on first use with the system C compiler and kept in a cache folder
+keyed by the source, the flags and the CPU. Where it cannot be built, `load` says why and training
+takes the PyTorch path: the same math, about half the speed on a CPU.
 
     fused, why_not = load()          # FusedStep, None  or  None, "no C compiler (cc) on PATH"
-    sae_loss(sae, x, dead, backward=True, fused=fused)
+    out = sae_loss(sae, x, dead, backward=True, fused=fused)
+    fused.adam_step(optimizer, clip_scale, unit_rows=[sae.W_dec_MD])
 """
 import ctypes
 import hashlib
@@ -20,7 +22,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sae_step.c")
 # -march=native: the build is per machine (its CPU is in the cache key); the three math flags let the
 # compiler vectorise float sums (reassociation) without -ffast-math's process-wide flush-to-zero
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-fPIC", "-shared", "-fopenmp"]
+         "-fno-trapping-math", "-fPIC", "-shared", "-fopenmp", "-lm"]
 _P = ctypes.c_void_p
 
 
@@ -37,9 +39,13 @@ class FusedStep:
 
     def __init__(self, lib_path: str):
         self.path = lib_path
-        self._fn = ctypes.CDLL(lib_path).sae_step
+        lib = ctypes.CDLL(lib_path)
+        self._fn = lib.sae_step
         self._fn.argtypes = [ctypes.POINTER(_Step)]
         self._fn.restype = ctypes.c_int
+        self._adam = lib.adam_update
+        self._adam.argtypes = [_P] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 6 + [ctypes.c_int64] * 2
+        self._adam.restype = None
 
     def __call__(self, xc_BD, pre_BM, W_enc_MD, W_dec_MD, prefixes, k, aux_k, aux_coef, dead_M=None,
                  selected=None, grads=True):
@@ -67,6 +73,26 @@ class FusedStep:
         if self._fn(ctypes.byref(step)) != 0:
             return None
         return idx_BJ, vals_BJ, out, grads
+
+
+    def adam_step(self, optimizer: torch.optim.Adam, grad_scale: float = 1.0, unit_rows=()):
+        """optimizer.step() for a torch.optim.Adam without weight decay, amsgrad or maximize: the same
+        formula on the same state, with the gradients multiplied by grad_scale (clipping), and the
+        parameters in `unit_rows` renormalised row by row afterwards, in one pass over each parameter."""
+        group, = optimizer.param_groups
+        assert group["weight_decay"] == 0 and not group["amsgrad"] and not group["maximize"], group
+        (beta1, beta2), threads = group["betas"], torch.get_num_threads()
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:  # as torch.optim.Adam starts it
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            cols = p.shape[-1]
+            self._adam(p.data_ptr(), p.grad.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
+                       p.numel() // cols, cols, group["lr"], beta1, beta2, group["eps"], float(state["step"]),
+                       grad_scale, any(p is u for u in unit_rows), threads)
 
 
 def cache_dir() -> str:

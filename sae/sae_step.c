@@ -17,7 +17,10 @@
  *      the W_dec row's gradient made orthogonal to the row (the unit-norm constraint, as
  *      SparseAutoencoder.remove_parallel_grad); the squared gradient norm. Then b_pre's gradient,
  *      c·Σ_b Ẽ_0 − W_encᵀ ∂b_enc.
+ * adam_update, at the end, is the optimizer step that follows: torch.optim.Adam's formula on its state,
+ * with the clipping scale folded in and the decoder rows renormalised while they are in cache.
  * Built by sae/fused.py with the system C compiler and OpenMP; float32, row-major, contiguous arrays. */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #if defined(__AVX__)
@@ -374,4 +377,31 @@ int sae_step(const Step *s) {
     free(c.ss); free(c.col); free(c.sq); free(c.start); free(c.fill); free(c.cand); free(c.fbounds);
     free(c.ent_src); free(c.ent_row); free(c.ent_val); free(c.ent_g);
     return rc;
+}
+
+/* One Adam step on a parameter of `rows` rows of `cols`, with PyTorch's formula and state (exp_avg,
+ * exp_avg_sq, step already counted), the gradient multiplied by grad_scale (clipping); with unit_rows
+ * each row is then renormalised to unit length (the decoder) while it is in cache. */
+void adam_update(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, int64_t rows,
+                 int64_t cols, double lr, double beta1, double beta2, double eps, double step, double grad_scale,
+                 int64_t unit_rows, int64_t threads) {
+    double bc1 = 1. - pow(beta1, step), bc2_sqrt = sqrt(1. - pow(beta2, step));
+    float step_size = (float)(lr / bc1), inv_bc2 = (float)(1. / bc2_sqrt), fe = (float)eps;
+    float b1 = (float)beta1, b2 = (float)beta2, scale = (float)grad_scale;
+    #pragma omp parallel for num_threads((int)threads) schedule(static) if (rows * cols >= 1 << 15)
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * cols, *mr = m + r * cols, *vr = v + r * cols;
+        const float *gr = g + r * cols;
+        for (int64_t i = 0; i < cols; i++) {
+            float gi = gr[i] * scale;
+            mr[i] += (gi - mr[i]) * (1.f - b1);
+            vr[i] = b2 * vr[i] + (1.f - b2) * gi * gi;
+            pr[i] -= step_size * mr[i] / (sqrtf(vr[i]) * inv_bc2 + fe);
+        }
+        if (unit_rows) {
+            float n = sqrtf(dot(pr, pr, cols));
+            float inv = 1.f / (n > 1e-12f ? n : 1e-12f);
+            for (int64_t i = 0; i < cols; i++) pr[i] *= inv;
+        }
+    }
 }

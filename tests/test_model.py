@@ -134,6 +134,25 @@ def test_fused_evaluation_equals_pytorch(fused_step, batch_topk):
     torch.testing.assert_close((b["vals"] > 0).sum(1), (a["vals"] > 0).sum(1))
 
 
+def test_fused_adam_step_equals_clip_adam_and_renormalising(fused_step):
+    """Clipping, torch.optim.Adam and the unit-norm decoder rows in one pass, on Adam's own state."""
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, fused=True)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, fused=True)
+    for step in range(4):
+        x = torch.randn(30, 12) * (3 if step % 2 else 300)  # the large batches are clipped
+        out_a, out_b = sae_loss(a, x, backward=True), sae_loss(b, x, backward=True)
+        torch.nn.utils.clip_grads_with_norm_(a.parameters(), 1.0, out_a["grad_norm"])
+        opt_a.step()
+        a.normalize_decoder()
+        fused_step.adam_step(opt_b, min(1.0, 1.0 / (float(out_b["grad_norm"]) + 1e-6)), unit_rows=[b.W_dec_MD])
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    torch.optim.Adam(a.parameters(), fused=True).load_state_dict(opt_b.state_dict())  # resumable as torch's
+    assert float(opt_b.state[b.W_dec_MD]["step"]) == 4
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_fused_step_splits_work_between_any_number_of_threads(fused_step, threads):
     sae = make(prefixes=[8, 32])
