@@ -11,6 +11,7 @@ epoch (atomically), with everything needed to resume, rebuild and trace it.
     python train_sae.py --resume=True                     # continue an interrupted run
     python train_sae.py --help                            # every setting with its meaning
 """
+import gc
 import json
 import math
 import os
@@ -207,6 +208,7 @@ steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
 if world > 1:  # data parallel: gradients, dead-feature counters and BatchTopK thresholds are combined below
     print(f"Data parallel over {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): effective batch "
           f"{BATCH_SIZE * world} tokens per step (BATCH_SIZE={BATCH_SIZE} per process), LR {LR}")
+gc.freeze()  # what exists now (modules, data, model) is never garbage: collections during training skip it
 t_start, tokens_seen = time.time(), 0
 autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16 and device.type == "cuda")
 try:

@@ -74,7 +74,6 @@ class FusedStep:
             return None
         return idx_BJ, vals_BJ, out, grads
 
-
     def adam_step(self, optimizer: torch.optim.Adam, grad_scale: float = 1.0, unit_rows=()):
         """optimizer.step() for a torch.optim.Adam without weight decay, amsgrad or maximize: the same
         formula on the same state, with the gradients multiplied by grad_scale (clipping), and the

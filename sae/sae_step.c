@@ -53,7 +53,7 @@ typedef struct {
     float *gpre;     /* B×J unscaled code gradients */
     int64_t *aux_idx; float *aux_vals, *aux_g; /* B×A */
     double *ss;      /* B×(P+2): ‖x_c‖², ‖e_p‖² for each p, ‖e_aux‖² */
-    double *col;     /* T×N_COL×D */
+    float *col;      /* T×N_COL×D (float sums, as the PyTorch path's) */
     double *sq;      /* T squared gradient norms */
     float c_main, c_aux;
     int64_t *start, *ent_src, *ent_row, *fbounds; /* entries grouped by feature, features per thread */
@@ -76,7 +76,7 @@ static inline void axpy(float *restrict y, float a, const float *restrict x, int
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static inline double *col(Ctx *c, int64_t t, int which) { return c->col + (t * N_COL + which) * c->s->D; }
+static inline float *col(Ctx *c, int64_t t, int which) { return c->col + (t * N_COL + which) * c->s->D; }
 
 /* Min-heap of the n largest seen so far (val[0] the smallest); ties keep the earlier one. */
 static inline void heap_offer(float x, int64_t f, int64_t *size, int64_t n, int64_t *idx, float *val) {
@@ -153,8 +153,8 @@ static void top_n(const float *restrict v, int64_t len, int64_t n, int64_t *idx,
 static void per_token(Ctx *c, int64_t t) {
     const Step *s = c->s;
     int64_t B = s->B, D = s->D, J = s->J, P = s->P, A = c->A;
-    double *colx = col(c, t, COL_X), *cole = col(c, t, COL_E), *colg = col(c, t, COL_G);
-    memset(colx, 0, 3 * D * sizeof(double));
+    float *colx = col(c, t, COL_X), *cole = col(c, t, COL_E), *colg = col(c, t, COL_G);
+    memset(colx, 0, 3 * D * sizeof(float));
     float *cand = c->cand + t * s->M;
     for (int64_t b = B * t / c->T; b < B * (t + 1) / c->T; b++) {
         const float *x = s->xc + b * D, *pre = s->pre + b * s->M;
@@ -279,8 +279,9 @@ static void group_entries(Ctx *c) {
 static void per_feature(Ctx *c, int64_t t) {
     const Step *s = c->s;
     int64_t D = s->D;
-    double *wb = col(c, t, COL_W), sq = 0.;
-    memset(wb, 0, D * sizeof(double));
+    float *wb = col(c, t, COL_W);
+    double sq = 0.;
+    memset(wb, 0, D * sizeof(float));
     for (int64_t f = c->fbounds[t]; f < c->fbounds[t + 1]; f++) {
         float *wd = s->g_W_dec + f * D, *we = s->g_W_enc + f * D, gb = 0.f;
         memset(wd, 0, D * sizeof(float));
@@ -296,7 +297,7 @@ static void per_feature(Ctx *c, int64_t t) {
         const float *w = s->W_dec + f * D, *v = s->W_enc + f * D;
         axpy(wd, -dot(wd, w, D), w, D);
         sq += (double)dot(wd, wd, D) + (double)dot(we, we, D) + (double)gb * gb;
-        for (int64_t d = 0; d < D; d++) wb[d] += (double)gb * v[d];
+        axpy(wb, gb, v, D);
     }
     c->sq[t] = sq;
 }
@@ -337,7 +338,7 @@ int sae_step(const Step *s) {
     c.aux_vals = malloc((B * A + 1) * sizeof(float));
     c.aux_g = malloc((B * A + 1) * sizeof(float));
     c.ss = malloc(B * (P + 2) * sizeof(double));
-    c.col = malloc(c.T * N_COL * D * sizeof(double));
+    c.col = malloc(c.T * N_COL * D * sizeof(float));
     c.sq = malloc(c.T * sizeof(double));
     c.start = malloc((M + 1) * sizeof(int64_t));
     c.fill = malloc(M * sizeof(int64_t));
