@@ -234,7 +234,7 @@ try:
                 torch.nn.utils.clip_grads_with_norm_(sae.parameters(), GRAD_CLIP, grad_norm)
                 optimizer.step()
                 sae.normalize_decoder()
-            sae.update_dead(out["idx"], out["vals"], dist.any_process if world > 1 else None)
+            sae.update_dead(out["fired"], dist.any_process if world > 1 else None)
             if USE_BATCH_TOPK and world > 1:
                 dist.average_(sae.threshold)
             loss_sum += out["loss"]

@@ -181,9 +181,9 @@ class Activations:
                                       f"match its offsets; re-run extract_activations.py")
         self._fd = os.open(path, os.O_RDONLY)  # for read_rows; pread is safe from several threads
 
-    def __del__(self):
+    def __del__(self, _close=os.close):  # bound now: at interpreter exit the os module may be gone
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            _close(self._fd)
 
     @property
     def n_examples(self) -> int:

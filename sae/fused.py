@@ -29,7 +29,7 @@ _P = ctypes.c_void_p
 class _Step(ctypes.Structure):
     """sae_step.c's Step struct, field for field."""
     _fields_ = [(n, ctypes.c_int64) for n in ("B", "D", "M", "J", "A", "P", "threads", "select", "grads")] + \
-               [(n, _P) for n in ("prefix_ends", "xc", "pre", "W_dec", "W_enc", "dead", "idx", "vals",
+               [(n, _P) for n in ("prefix_ends", "xc", "pre", "W_dec", "W_enc", "dead", "idx", "vals", "fired",
                                   "g_W_enc", "g_b_enc", "g_W_dec", "g_b_pre")] + \
                [("aux_coef", ctypes.c_double), ("out", _P)]
 
@@ -51,8 +51,8 @@ class FusedStep:
                  selected=None, grads=True):
         """Loss parts and (with `grads`) gradients. `selected` = (idx_BJ, vals_BJ) chosen elsewhere
         (BatchTopK); None: the K largest pre-activations per token, chosen here. Returns (idx_BJ,
-        vals_BJ, out, grads) with out = [prefix normalized MSEs..., aux normalized MSE, loss, squared
-        gradient norm, β (‖x_c − batch mean‖²)] and grads in the order W_enc, b_enc, W_dec, b_pre
+        vals_BJ, fired_M, out, grads) with fired_M the features with a positive code, out = [prefix
+        normalized MSEs..., aux normalized MSE, loss, squared gradient norm, β (‖x_c − batch mean‖²)], grads in the order W_enc, b_enc, W_dec, b_pre
         (W_dec's rows orthogonal to the decoder rows); None if the C side could not allocate its
         scratch memory."""
         (b, d), m, p = xc_BD.shape, W_dec_MD.shape[0], len(prefixes)
@@ -66,13 +66,14 @@ class FusedStep:
         ends = torch.tensor(prefixes, dtype=torch.long)
         dead = dead_M.contiguous() if dead_M is not None else None
         out = torch.zeros(p + 4, dtype=torch.float64)
+        fired = torch.empty(m, dtype=torch.bool)
         step = _Step(b, d, m, idx_BJ.shape[1], aux_k if dead is not None else 0, p, torch.get_num_threads(),
                      selected is None, grads is not None, ends.data_ptr(), *(t.data_ptr() for t in tensors),
-                     dead.data_ptr() if dead is not None else None, idx_BJ.data_ptr(), vals_BJ.data_ptr(),
+                     dead.data_ptr() if dead is not None else None, idx_BJ.data_ptr(), vals_BJ.data_ptr(), fired.data_ptr(),
                      *([g.data_ptr() for g in grads] if grads else [None] * 4), aux_coef, out.data_ptr())
         if self._fn(ctypes.byref(step)) != 0:
             return None
-        return idx_BJ, vals_BJ, out, grads
+        return idx_BJ, vals_BJ, fired, out, grads
 
     def adam_step(self, optimizer: torch.optim.Adam, grad_scale: float = 1.0, unit_rows=()):
         """optimizer.step() for a torch.optim.Adam without weight decay, amsgrad or maximize: the same

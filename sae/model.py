@@ -153,12 +153,15 @@ class SparseAutoencoder(nn.Module):
     def dead_mask(self) -> torch.Tensor:
         return self.steps_since_fired >= self.dead_steps
 
+    def fired(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor) -> torch.Tensor:
+        """(M,) whether each feature has a positive code in the batch."""
+        return torch.zeros(self.m, dtype=vals_BJ.dtype, device=idx_BJ.device).index_add_(
+            0, idx_BJ.reshape(-1), vals_BJ.reshape(-1)) > 0  # codes are >= 0: a positive sum means one fired
+
     @torch.no_grad()
-    def update_dead(self, idx_BJ: torch.Tensor, vals_BJ: torch.Tensor, combine=None):
+    def update_dead(self, fired_M: torch.Tensor, combine=None):
         """One training step: features that fired reset to 0, the others age by one step. `combine`
         merges the fired mask over data-parallel processes (a feature fired if it fired anywhere)."""
-        fired_M = torch.zeros(self.m, dtype=vals_BJ.dtype, device=idx_BJ.device).index_add_(
-            0, idx_BJ.reshape(-1), vals_BJ.reshape(-1)) > 0  # codes are >= 0: a positive sum means one fired
         if combine is not None:
             fired_M = combine(fired_M)
         self.steps_since_fired.add_(1).masked_fill_(fired_M, 0)
@@ -198,7 +201,8 @@ def _rows_times(idx_BJ: torch.Tensor, rows_BJ: torch.Tensor, weights_BJ: torch.T
 def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | None = None,
              backward: bool = False, autocast=None, fused=None) -> dict:
     """Training objective and its parts; `dead_M` marks dead features for the aux-K term (None: no aux).
-    out["sse"] holds each prefix's summed squared error ‖x_s − x̂_p‖² (in the scaled space).
+    out["sse"] holds each prefix's summed squared error ‖x_s − x̂_p‖² (in the scaled space), out["fired"]
+    the features with a positive code.
 
     With backward=True the gradients of the loss are written to the parameters' .grad, W_dec's with
     each row's radial part removed (remove_parallel_grad), and out["grad_norm"] is their total norm
@@ -221,10 +225,10 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
         done = fused(xc_BD, pre_BM, W_enc, W_dec, sae.prefixes, sae.k, sae.aux_k, AUX_COEF, dead_M,
                      selected=sae.codes_sparse(pre_BM) if sae.batch_topk else None, grads=backward)
         if done is not None:
-            idx_BJ, vals_BJ, parts, grads = done
+            idx_BJ, vals_BJ, fired_M, parts, grads = done
             out = {"loss": parts[n_prefixes + 1].float(), "nmse": parts[n_prefixes - 1].float(),
                    "prefix_nmse": parts[:n_prefixes].float(), "sse": parts[:n_prefixes] * parts[-1],
-                   "aux": parts[n_prefixes].float(), "idx": idx_BJ, "vals": vals_BJ}
+                   "aux": parts[n_prefixes].float(), "idx": idx_BJ, "vals": vals_BJ, "fired": fired_M}
             if backward:
                 for param, grad in zip((W_enc, b_enc, W_dec, sae.b_pre_D), grads):
                     param.grad = grad
@@ -259,7 +263,7 @@ def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | 
         aux = _sum_sq(e_aux_BD) / aux_beta
         loss = loss + AUX_COEF * aux
     out = {"loss": loss, "nmse": prefix_nmse[-1], "prefix_nmse": prefix_nmse, "sse": sse, "aux": aux,
-           "idx": idx_BJ, "vals": vals_BJ}
+           "idx": idx_BJ, "vals": vals_BJ, "fired": sae.fired(idx_BJ, vals_BJ)}
     if not backward:
         return out
 

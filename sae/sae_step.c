@@ -36,6 +36,7 @@ typedef struct {
     const uint8_t *dead;                  /* M flags, or NULL: no aux-K term */
     int64_t *idx;                         /* B×J selected features: written when select, else read */
     float *vals;                          /* B×J their codes (ReLU'd; 0 = not a real entry) */
+    uint8_t *fired;                       /* M: written, whether the feature has a positive code */
     float *g_W_enc, *g_b_enc, *g_W_dec, *g_b_pre; /* gradients, all written (with grads) */
     double aux_coef;
     double *out;                          /* P prefix normalized MSEs, aux normalized MSE, loss,
@@ -239,6 +240,9 @@ static void reduce_loss(Ctx *c) {
     }
     s->out[P + 1] = loss;
     s->out[P + 3] = beta;
+    memset(s->fired, 0, s->M);
+    for (int64_t i = 0; i < B * s->J; i++)
+        if (s->vals[i] > 0.f) s->fired[s->idx[i]] = 1;
     c->c_main = (float)(-2. / ((double)P * beta));
 }
 

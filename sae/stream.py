@@ -3,6 +3,7 @@ batches drawn from random chunks of examples through a shuffling mixing buffer (
 
 Only one chunk and one buffer are in memory at a time, so memory does not grow with the file.
 """
+import math
 import queue
 import threading
 
@@ -80,9 +81,9 @@ def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = N
     row_ends = np.cumsum(ends - starts)  # where each example's rows end in `rows`
     for a, b, at in zip(starts, ends, row_ends - (ends - starts)):
         acts.read_rows(a, b, out=rows[at:at + b - a])
-    uint, exponent = _EXPONENT_BITS[dtype]  # NaN and inf have every exponent bit set; faster than isfinite
-    bad_rows = np.flatnonzero(((rows.view(uint) & exponent) == exponent).any(1))
-    if len(bad_rows):
+    if len(rows) and not all(map(math.isfinite, torch.aminmax(torch.from_numpy(rows)))):  # NaN or inf in there
+        uint, exponent = _EXPONENT_BITS[dtype]  # they have every exponent bit set: find the first such row
+        bad_rows = np.flatnonzero(((rows.view(uint) & exponent) == exponent).any(1))
         example = int(example_ids[np.searchsorted(row_ends, bad_rows[0], side="right")])
         raise NonFiniteActivations(
             f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "

@@ -107,6 +107,7 @@ def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     dense_norm = torch.cat([g.flatten() for g in dense_grads]).norm()
     torch.testing.assert_close(out["grad_norm"], dense_norm, rtol=1e-4, atol=1e-6)
+    assert torch.equal(out["fired"], sae.fired(out["idx"], out["vals"]))
     if not batch_topk:  # the fused step picks the top K itself
         assert torch.equal(out["idx"].sort(1).values, sae.pre_acts(x).topk(sae.k, dim=-1).indices.sort(1).values)
 
@@ -198,9 +199,7 @@ def test_aux_k_gives_gradient_to_dead_features():
     sae = make()
     x = torch.randn(30, 12) * 3
     out = sae_loss(sae, x)
-    fired = torch.zeros(32, dtype=torch.bool)
-    fired[out["idx"][out["vals"] > 0]] = True
-    sae.steps_since_fired[~fired] = 10_000
+    sae.steps_since_fired[~out["fired"]] = 10_000
     assert sae.dead_mask().any()
     sae_loss(sae, x, backward=True)
     grad_without = sae.W_enc_MD.grad
@@ -214,8 +213,8 @@ def test_aux_k_gives_gradient_to_dead_features():
 def test_dead_counter_counts_steps_without_firing():
     sae = make()
     idx = torch.tensor([[0, 1]])
-    sae.update_dead(idx, torch.tensor([[1.0, 0.0]]))
-    sae.update_dead(idx, torch.tensor([[1.0, 0.0]]))
+    sae.update_dead(sae.fired(idx, torch.tensor([[1.0, 0.0]])))
+    sae.update_dead(sae.fired(idx, torch.tensor([[1.0, 0.0]])))
     assert sae.steps_since_fired[0] == 0 and sae.steps_since_fired[1] == 2
 
 
@@ -262,7 +261,7 @@ def test_recovers_a_known_sparse_dictionary():
             out = sae_loss(sae, batch, sae.dead_mask(), backward=True)
             opt.step()
             sae.normalize_decoder()
-            sae.update_dead(out["idx"], out["vals"])
+            sae.update_dead(out["fired"])
     cos = atoms @ F.normalize(sae.W_dec_MD.detach(), dim=1).t()
     recovered = (cos.max(1).values > 0.9).float().mean().item()
     assert recovered >= 0.9, f"recovered {recovered:.0%} of the atoms"
