@@ -50,7 +50,7 @@ typedef struct {
     int64_t T, n_dead, A;  /* threads, dead features, aux entries per token (≤ aux_k) */
     int64_t *dead_list, *fill;
     float *cand;     /* T×M scratch: block maxima for top_n, a token's dead pre-activations */
-    float *E;        /* (P+1)×B×D: Ẽ_c for each chunk c, then the aux residual */
+    float *E;        /* (P+1)×B×D: Ẽ_c for each chunk c, then the aux residual; without grads, T×P×D */
     float *gpre;     /* B×J unscaled code gradients */
     int64_t *aux_idx; float *aux_vals, *aux_g; /* B×A */
     double *ss;      /* B×(P+2): ‖x_c‖², ‖e_p‖² for each p, ‖e_aux‖² */
@@ -168,7 +168,7 @@ static void per_token(Ctx *c, int64_t t) {
         }
         const float *prev = x;
         for (int64_t p = 0; p < P; p++) {
-            float *e = c->E + (p * B + b) * D;
+            float *e = c->E + (s->grads ? p * B + b : t * P + p) * D;  /* evaluation keeps no rows */
             memcpy(e, prev, D * sizeof(float));
             for (int64_t j = 0; j < J; j++)
                 if (vb[j] > 0.f && chunk_of(s, ib[j]) == p) axpy(e, -vb[j], s->W_dec + ib[j] * D, D);
@@ -336,7 +336,7 @@ int sae_step(const Step *s) {
         c.A = c.n_dead < s->A ? c.n_dead : s->A;
     }
     int64_t A = c.A, n_ent = B * (s->J + A);
-    c.E = malloc((P + 1) * B * D * sizeof(float));
+    c.E = malloc((s->grads ? (P + 1) * B : c.T * P) * D * sizeof(float));
     c.gpre = malloc(B * s->J * sizeof(float));
     c.aux_idx = malloc((B * A + 1) * sizeof(int64_t));
     c.aux_vals = malloc((B * A + 1) * sizeof(float));
