@@ -79,8 +79,9 @@ if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
 rank, world = dist.rank(), dist.world()
-if device.type == "cpu":  # evaluation's chunk-sized tensors would page-fault in afresh every epoch
-    lm.keep_freed_memory()
+# a step's buffers (a few MiB) stay on the heap for reuse; evaluation chunks, a little different in size
+# each time, are mapped and unmapped: on the heap they fragmented it, and memory grew with the file
+lm.set_malloc(mmap_threshold=4 << 20, trim_threshold=1 << 30)
 
 # ---- data
 try:

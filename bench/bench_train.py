@@ -1,7 +1,8 @@
 """SAE training speed and quality: train_sae.py against HypotheSAEs' SparseAutoencoder.fit, side by side.
 
 Both train on the same activations with the same M, K, Matryoshka prefixes, epochs and batch size, on the
-same example-level split (tokens: no_first), with early stopping off so both run every epoch. Tokens/s
+same example-level split (tokens: no_first), with early stopping off so both run every epoch. Ours runs
+once before and once after theirs (the same seed: the same model), and its two rates are averaged. Tokens/s
 counts training tokens over the whole loop (per-epoch validation included) on both sides; the
 validation normalized MSE of both final models is computed by one function on the same tokens.
 HypotheSAEs is installed with `pip install --no-deps hypothesaes` and its sae.py loaded as a file.
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,12 +71,20 @@ def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
     return proc
 
 
+def run_ours_rate() -> float:
+    proc = run_ours(ACTS, "bench_train")
+    return float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
+
+
 def main():
     torch.manual_seed(SEED)
     acts = open_activations(ACTS)
     train_ids, val_ids = split_examples(acts.n_examples, acts.labels, 0.1, SEED)
     x_train, x_val = tokens(acts, train_ids), tokens(acts, val_ids)
 
+    # ours runs before and after theirs and the two rates are averaged, so that a shared machine's drift
+    # during their ~30 s falls on both sides
+    our_rates = [run_ours_rate()]
     hs = load_hypothesaes()
     theirs = hs.SparseAutoencoder(acts.d, M, K, prefix_lengths=PREFIXES, device="cpu")
     t0 = time.time()
@@ -83,18 +93,17 @@ def main():
     their_rate = EPOCHS * len(x_train) / (time.time() - t0)
     theirs.eval()
     their_nmse = val_nmse(lambda x: theirs(x)[0], x_val)
-
-    proc = run_ours(ACTS, "bench_train")
-    our_rate = float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
-    ckpt_path = re.search(r"Saved (\S+\.pt)", proc.stdout).group(1)
-    ours, _ = load_checkpoint(os.path.join(tempfile.gettempdir(), ckpt_path))
+    our_rates.append(run_ours_rate())
+    our_rate = float(np.mean(our_rates))
+    ours, _ = load_checkpoint(os.path.join(tempfile.gettempdir(), "checkpoints", "bench_train", f"SAE_M={M}_K={K}.pt"))
     our_nmse = val_nmse(ours, x_val)
 
     print(f"activations: {ACTS} ({len(x_train)} train / {len(x_val)} val tokens, split by example)")
     print(f"M={M} K={K} prefixes={PREFIXES} epochs={EPOCHS} batch={BATCH} lr={LR}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"HypotheSAEs SparseAutoencoder.fit: {their_rate:.0f} tokens/s, val normalized MSE {their_nmse:.4f}")
-    print(f"train_sae.py:                      {our_rate:.0f} tokens/s, val normalized MSE {our_nmse:.4f}")
+    print(f"train_sae.py:                      {our_rate:.0f} tokens/s, val normalized MSE {our_nmse:.4f} "
+          f"(runs before and after: {our_rates[0]:.0f}, {our_rates[1]:.0f})")
     print(f"speed ratio: {our_rate / their_rate:.2f}x; normalized MSE difference (ours - theirs): "
           f"{our_nmse - their_nmse:+.4f}")
 
@@ -116,6 +125,7 @@ def main():
             print(f"peak RSS of train_sae.py (2 epochs) on {name} file ({os.path.getsize(path) / 2**20:.0f} MiB): "
                   f"{rss[name] / 1024:.0f} MiB")
         print(f"peak memory ratio 4x/1x: {rss['4x'] / rss['1x']:.3f}")
+        shutil.rmtree(os.path.dirname(big))
 
 
 if __name__ == "__main__":

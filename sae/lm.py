@@ -81,12 +81,10 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def keep_freed_memory():
-    """On glibc (Linux), serve large CPU tensors from the heap and keep freed memory for reuse.
-
-    By default glibc maps every allocation above 32 MiB afresh and unmaps it when freed, so each padded
-    batch's activations (B·T × intermediate size floats) page-fault in again: 20% of a CPU forward pass
-    went to the kernel. The memory held stays bounded by the largest batch."""
+def set_malloc(mmap_threshold: int, trim_threshold: int):
+    """On glibc (Linux): allocations above mmap_threshold bytes are mapped afresh and unmapped when
+    freed, smaller ones come from the heap, which gives memory back only above trim_threshold bytes
+    free at its top. Setting them turns off glibc's own adjustment of both. Elsewhere a no-op."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -94,8 +92,17 @@ def keep_freed_memory():
     except OSError:  # not glibc (e.g. musl)
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+
+
+def keep_freed_memory():
+    """Serve large CPU tensors from the heap and keep freed memory for reuse.
+
+    By default glibc maps every allocation above 32 MiB afresh and unmaps it when freed, so each padded
+    batch's activations (B·T × intermediate size floats) page-fault in again: 20% of a CPU forward pass
+    went to the kernel. The memory held stays bounded by the largest batch."""
+    set_malloc(1 << 30, 1 << 30)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
