@@ -79,9 +79,11 @@ if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
 rank, world = dist.rank(), dist.world()
-# a step's buffers (a few MiB) stay on the heap for reuse; evaluation chunks, a little different in size
-# each time, are mapped and unmapped: on the heap they fragmented it, and memory grew with the file
-lm.set_malloc(mmap_threshold=4 << 20, trim_threshold=1 << 30)
+# a step's buffers (a few MiB) stay on the heap for reuse, larger blocks are mapped and unmapped: glibc's
+# own threshold grew to the ~19 MiB evaluation chunks, whose varying sizes fragmented the heap so that
+# memory grew with the file. On a CPU evaluation chunks stay below it (heap reuse, no page faults).
+MMAP_THRESHOLD = 4 << 20
+lm.set_malloc(mmap_threshold=MMAP_THRESHOLD, trim_threshold=1 << 30)
 
 # ---- data
 try:
@@ -160,7 +162,8 @@ def evaluate(model, ids, full=False):
     kinds = {kind: ReconStats(acts.d) for kind in TOKEN_KINDS}
     fired = torch.zeros(model.m, dtype=torch.bool, device=device)
     with torch.no_grad():
-        for x, keep, roles, first in eval_batches(acts, ids, TRAIN_TOKENS):
+        chunk_tokens = 1 << 13 if device.type == "cuda" else max(64, MMAP_THRESHOLD // 2 // (4 * acts.d))
+        for x, keep, roles, first in eval_batches(acts, ids, TRAIN_TOKENS, chunk_tokens):
             x, keep = x.to(device), keep.to(device)
             if not full:  # the trained-on tokens' errors, without building reconstructions
                 x = x[keep]
