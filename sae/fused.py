@@ -51,10 +51,10 @@ class FusedStep:
                  selected=None, grads=True):
         """Loss parts and (with `grads`) gradients. `selected` = (idx_BJ, vals_BJ) chosen elsewhere
         (BatchTopK); None: the K largest pre-activations per token, chosen here. Returns (idx_BJ,
-        vals_BJ, fired_M, out, grads) with fired_M the features with a positive code, out = [prefix
-        normalized MSEs..., aux normalized MSE, loss, squared gradient norm, β (‖x_c − batch mean‖²)], grads in the order W_enc, b_enc, W_dec, b_pre
-        (W_dec's rows orthogonal to the decoder rows); None if the C side could not allocate its
-        scratch memory."""
+        vals_BJ, fired_M, out, grads): fired_M the features with a positive code, out = [prefix
+        normalized MSEs..., aux normalized MSE, loss, squared gradient norm, β (‖x_c − batch mean‖²)],
+        grads for W_enc, b_enc, W_dec, b_pre (W_dec's rows orthogonal to the decoder rows). None if the
+        C side could not allocate its scratch memory."""
         (b, d), m, p = xc_BD.shape, W_dec_MD.shape[0], len(prefixes)
         if selected is None:
             idx_BJ, vals_BJ = torch.empty(b, k, dtype=torch.long), torch.empty(b, k)
@@ -69,8 +69,9 @@ class FusedStep:
         fired = torch.empty(m, dtype=torch.bool)
         step = _Step(b, d, m, idx_BJ.shape[1], aux_k if dead is not None else 0, p, torch.get_num_threads(),
                      selected is None, grads is not None, ends.data_ptr(), *(t.data_ptr() for t in tensors),
-                     dead.data_ptr() if dead is not None else None, idx_BJ.data_ptr(), vals_BJ.data_ptr(), fired.data_ptr(),
-                     *([g.data_ptr() for g in grads] if grads else [None] * 4), aux_coef, out.data_ptr())
+                     dead.data_ptr() if dead is not None else None, idx_BJ.data_ptr(), vals_BJ.data_ptr(),
+                     fired.data_ptr(), *([g.data_ptr() for g in grads] if grads else [None] * 4), aux_coef,
+                     out.data_ptr())
         if self._fn(ctypes.byref(step)) != 0:
             return None
         return idx_BJ, vals_BJ, fired, out, grads

@@ -123,6 +123,7 @@ class SparseAutoencoder(nn.Module):
         vals_BJ = pre_BM.gather(1, idx_BJ).relu_()
         return idx_BJ, vals_BJ if valid_BJ is None else vals_BJ.mul_(valid_BJ)
 
+    @torch.no_grad()
     def encode_sparse(self, x_BD: torch.Tensor):
         return self.codes_sparse(self.pre_acts(x_BD))
 

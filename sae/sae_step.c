@@ -11,8 +11,9 @@
  *      residual of every prefix e_p = x_c − Σ_{chunks ≤ p} codes·W_dec and its sum of squares; with
  *      aux-K the residual of reconstructing e_{P-1} from the aux_k largest dead pre-activations; then
  *      Ẽ_c = Σ_{p ≥ c} e_p and the unscaled code gradients ⟨Ẽ_chunk, W_dec[f]⟩ (⟨e_aux, W_dec[f]⟩).
- *   2. one thread: the loss (all there is without `grads`, as in evaluation), the scales, and the entries with a nonzero code grouped by feature
- *      (a counting sort), each carrying its scaled code and its scaled pre-activation gradient.
+ *   2. one thread: the loss (all there is without `grads`, as in evaluation), the scales, and the
+ *      entries with a nonzero code grouped by feature (a counting sort), each carrying its scaled code
+ *      and its scaled pre-activation gradient.
  *   3. per feature (threads split the features): W_dec, W_enc and b_enc gradients from the entries;
  *      the W_dec row's gradient made orthogonal to the row (the unit-norm constraint, as
  *      SparseAutoencoder.remove_parallel_grad); the squared gradient norm. Then b_pre's gradient,
@@ -200,7 +201,8 @@ static void per_token(Ctx *c, int64_t t) {
         const float *g0 = c->E + b * D;
         for (int64_t d = 0; d < D; d++) colg[d] += g0[d];
         for (int64_t j = 0; j < J; j++)
-            c->gpre[b * J + j] = vb[j] > 0.f ? dot(c->E + (chunk_of(s, ib[j]) * B + b) * D, s->W_dec + ib[j] * D, D) : 0.f;
+            c->gpre[b * J + j] = vb[j] > 0.f
+                ? dot(c->E + (chunk_of(s, ib[j]) * B + b) * D, s->W_dec + ib[j] * D, D) : 0.f;
     }
 }
 
@@ -353,8 +355,8 @@ int sae_step(const Step *s) {
     c.ent_val = malloc((n_ent + 1) * sizeof(float));
     c.ent_g = malloc((n_ent + 1) * sizeof(float));
     int rc = -1;
-    if (c.E && c.gpre && c.aux_idx && c.aux_vals && c.aux_g && c.ss && c.col && c.sq && c.start && c.fill && c.cand && c.fbounds
-        && c.ent_src && c.ent_row && c.ent_val && c.ent_g) {
+    if (c.E && c.gpre && c.aux_idx && c.aux_vals && c.aux_g && c.ss && c.col && c.sq && c.start && c.fill && c.cand
+        && c.fbounds        && c.ent_src && c.ent_row && c.ent_val && c.ent_g) {
         /* PyTorch's own OpenMP runtime and thread team (the library is linked against the libgomp that
          * torch has loaded): no second pool competing for the cores */
         #pragma omp parallel num_threads((int)c.T)
