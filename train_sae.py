@@ -135,7 +135,8 @@ if RESUME:
         fail(f"RESUME=True but {path} does not exist; drop --resume or check RUN_NAME, M and K")
     except Exception as e:
         fail(f"RESUME=True but {path} could not be read ({type(e).__name__}); delete it and train from scratch")
-    mismatch = [k for k in config if k not in ("RESUME", "N_EPOCHS", "DEVICE", "BF16", "EXPORT_SAELENS")
+    after_training = ("EXPORT_SAELENS", "EVAL_LM", "EVAL_MAX_EXAMPLES", "EVAL_BATCH_TOKENS")  # free to differ
+    mismatch = [k for k in config if k not in ("RESUME", "N_EPOCHS", "DEVICE", "BF16", *after_training)
                 and ckpt.get("config", {}).get(k) != config[k]]
     if ckpt.get("format") != FORMAT or ckpt["sae_config"] != sae.config or mismatch:
         fail(f"cannot resume from {path}: it was trained with other settings ({', '.join(mismatch) or 'sizes'} "
