@@ -79,9 +79,10 @@ if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
 rank, world = dist.rank(), dist.world()
-# a step's buffers (a few MiB) stay on the heap for reuse, larger blocks are mapped and unmapped: glibc's
-# own threshold grew to the ~19 MiB evaluation chunks, whose varying sizes fragmented the heap so that
-# memory grew with the file. On a CPU evaluation chunks stay below it (heap reuse, no page faults).
+# a step's buffers (a few MiB) stay on the heap for reuse, larger blocks are mapped and unmapped. Left to
+# itself glibc raises this threshold to the largest block freed so far; evaluation chunks of varying size
+# then came from the heap and fragmented it, so memory grew with the file. On a CPU evaluation reads
+# chunks below the threshold (heap reuse, no page faults).
 MMAP_THRESHOLD = 4 << 20
 lm.set_malloc(mmap_threshold=MMAP_THRESHOLD, trim_threshold=1 << 30)
 
@@ -234,7 +235,7 @@ try:
                     dist.average_(p.grad)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()])
             if fused is not None:  # clipping, Adam and the unit-norm decoder rows in one pass per parameter
-                fused.adam_step(optimizer, min(1.0, GRAD_CLIP / (float(grad_norm) + 1e-6)), unit_rows=[sae.W_dec_MD])
+                fused.adam_step(optimizer, GRAD_CLIP, grad_norm, unit_rows=[sae.W_dec_MD])
             else:
                 torch.nn.utils.clip_grads_with_norm_(sae.parameters(), GRAD_CLIP, grad_norm)
                 optimizer.step()

@@ -6,7 +6,7 @@ takes the PyTorch path: the same math, about half the speed on a CPU.
 
     fused, why_not = load()          # FusedStep, None  or  None, "no C compiler (cc) on PATH"
     out = sae_loss(sae, x, dead, backward=True, fused=fused)
-    fused.adam_step(optimizer, clip_scale, unit_rows=[sae.W_dec_MD])
+    fused.adam_step(optimizer, max_norm, out["grad_norm"], unit_rows=[sae.W_dec_MD])
 """
 import ctypes
 import hashlib
@@ -76,10 +76,12 @@ class FusedStep:
             return None
         return idx_BJ, vals_BJ, fired, out, grads
 
-    def adam_step(self, optimizer: torch.optim.Adam, grad_scale: float = 1.0, unit_rows=()):
-        """optimizer.step() for a torch.optim.Adam without weight decay, amsgrad or maximize: the same
-        formula on the same state, with the gradients multiplied by grad_scale (clipping), and the
-        parameters in `unit_rows` renormalised row by row afterwards, in one pass over each parameter."""
+    def adam_step(self, optimizer: torch.optim.Adam, max_norm: float, total_norm, unit_rows=()):
+        """clip_grads_with_norm_(params, max_norm, total_norm), then optimizer.step() for a
+        torch.optim.Adam without weight decay, amsgrad or maximize (the same formula on the same state),
+        then the parameters in `unit_rows` renormalised row by row: one pass over each parameter, the
+        clipping scale applied as each gradient is read."""
+        grad_scale = min(1.0, max_norm / (float(total_norm) + 1e-6))  # clip_grads_with_norm_'s coefficient
         group, = optimizer.param_groups
         assert group["weight_decay"] == 0 and not group["amsgrad"] and not group["maximize"], group
         (beta1, beta2), threads = group["betas"], torch.get_num_threads()
