@@ -1,17 +1,20 @@
 """Interpret a trained SAE: what each feature responds to, how sure we are, how it relates to the labels.
 
-For every example, a feature's activation is its maximum over the example's tokens (those the SAE was
-trained on) and the peak token is kept. Features are selected by prevalence, by label AUROC or by
+For every example, a feature's activation is its maximum over the example's content tokens (user and
+assistant turns outside prefixes that several examples share; or, with INTERPRET_TOKENS="trained", the
+tokens the SAE was trained on) and the peak token is kept. Features that fire mainly on the chat template
+or on shared prefixes are template features: they are listed apart and never selected by default.
+Content features are selected by label association (when the dataset has labels), by prevalence or by
 index; each gets its top examples with the peak token marked «like this», random non-activating
-examples, its most distinctive peak tokens and its best-matching label. With an OpenAI key or any
-OpenAI-compatible server, an LLM describes each feature and an annotator model scores the description
-on held-out examples (precision, recall, F1). Without one, everything else is still written.
+examples, its most distinctive peak tokens, its best-matching label, and a description built from these.
+With an OpenAI key or any OpenAI-compatible server, an LLM describes each feature instead and an
+annotator model scores the description on held-out examples (precision, recall, F1).
 
     python interpret_sae.py                                   # after extract_activations.py and train_sae.py
     OPENAI_API_KEY=sk-... python interpret_sae.py              # with descriptions and scores
     OPENAI_BASE_URL=http://localhost:8000/v1 python interpret_sae.py --openai_model=Qwen/Qwen2.5-7B-Instruct \
         --annotator_model=Qwen/Qwen2.5-7B-Instruct            # a local vLLM / Ollama / llama.cpp server
-    python interpret_sae.py --select_by=label_auroc --n_top_neurons=40
+    python interpret_sae.py --select_by=prevalence --n_top_neurons=40
     python interpret_sae.py --select_by=[3, 17, 42]
 
 Every LLM answer is cached beside the outputs (llm_cache.jsonl): a rerun, or a run resumed after a
@@ -30,9 +33,11 @@ from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from sae.config import configure, fail
 from sae.data import sha256_file
-from sae.features import auroc, content_text, distinctive_tokens, example_maxima, mark_peak
+from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
+                          distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import CachedChat
 from sae.report import render
+from sae.selection import TokenSelection
 
 # ---- inputs
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
@@ -43,7 +48,9 @@ K = 8  # used only to derive SAE_CHECKPOINT
 DATASET_PATH = "data/cognitive_actions_sample.jsonl"  # must be the dataset the activations came from
 # ---- selection
 N_TOP_NEURONS = 20  # features to interpret
-SELECT_BY = "prevalence"  # "prevalence" (share of examples where it fires), "label_auroc", or a list of indices
+SELECT_BY = "auto"  # "auto" (label_auroc when there are labels, else prevalence), "label_auroc", "prevalence", or a list of indices
+INTERPRET_TOKENS = "content"  # an example's activation is the maximum over its "content" tokens or its "trained" ones
+TEMPLATE_SHARE = 0.5  # features with at least this share of their activation on template positions are template features
 N_EXAMPLES = 20  # top activating examples per feature (and as many non-activating ones)
 CONTEXT_TOKENS = 12  # tokens shown on each side of the peak token
 SEED = 0  # sampling of non-activating examples
@@ -65,9 +72,6 @@ REPORT_HTML = "report.html"  # self-contained report (plots inline, no network n
 # -----------------------------------------------------------------------------
 config = configure(globals(), also={"SELECT_BY": (list,)})
 # -----------------------------------------------------------------------------
-OFFLINE_NOTE = ("not generated: set OPENAI_API_KEY (or OPENAI_BASE_URL for a local OpenAI-compatible "
-                "server) and rerun to describe features")
-
 # ---- inputs and their consistency
 device = lm.pick_device(DEVICE)
 ckpt_path = SAE_CHECKPOINT or checkpoint_path(RUN_NAME, M, K)
@@ -98,30 +102,40 @@ if isinstance(SELECT_BY, list):
     bad = [i for i in SELECT_BY if not isinstance(i, int) or not 0 <= i < sae.m]
     if bad:
         fail(f"SELECT_BY lists features {bad} that do not exist; indices must be in 0..{sae.m - 1}")
-elif SELECT_BY not in ("prevalence", "label_auroc"):
-    fail(f"SELECT_BY={SELECT_BY!r} must be 'prevalence', 'label_auroc' or a list of feature indices")
+elif SELECT_BY not in ("auto", "prevalence", "label_auroc"):
+    fail(f"SELECT_BY={SELECT_BY!r} must be 'auto', 'prevalence', 'label_auroc' or a list of feature indices")
 if SELECT_BY == "label_auroc" and acts.labels is None:
     fail(f"SELECT_BY='label_auroc' needs labels, but {ACTIVATIONS_PATH} has none; use 'prevalence'")
+if INTERPRET_TOKENS not in ("content", "trained"):
+    fail(f"INTERPRET_TOKENS={INTERPRET_TOKENS!r} must be 'content' or 'trained'")
+if not 0 < TEMPLATE_SHARE <= 1:
+    fail(f"TEMPLATE_SHARE={TEMPLATE_SHARE} must be in (0, 1], e.g. 0.5")
 
 # ---- feature activations per example (streamed through the SAE in chunks)
 t0 = time.time()
-max_NM, peak_NM = example_maxima(sae, acts, selection, device)
+ex = example_features(sae, acts, TokenSelection(acts, selection), INTERPRET_TOKENS, device)
+max_NM, peak_NM = ex.max_NM, ex.peak_NM
 active_NM = max_NM > 0
 prevalence = active_NM.mean(0)
 mean_activation = np.where(active_NM.any(0), max_NM.sum(0) / np.maximum(active_NM.sum(0), 1), 0.0)
+is_template = template_features(ex, TEMPLATE_SHARE)
+template_share = ex.template_share_M
 labels = acts.labels
 auroc_LM, label_names = (auroc(max_NM, labels) if labels is not None else (None, []))
-print(f"Feature activations per example computed in {time.time() - t0:.1f}s; "
-      f"{int((prevalence == 0).sum())} of {sae.m} features never fire")
+covered = labels_covered(auroc_LM, label_names) if labels is not None else []
+print(f"Feature activations per example ({INTERPRET_TOKENS} tokens) computed in {time.time() - t0:.1f}s; "
+      f"{int((prevalence == 0).sum())} of {sae.m} features never fire there; {int(is_template.sum())} are template "
+      f"features (at least {TEMPLATE_SHARE:.0%} of their activation on template or shared-prefix positions)")
+if labels is not None:
+    print(f"Labels: {len(covered)} of {len(label_names)} are some feature's own best label at AUROC >= 0.8")
 
 if isinstance(SELECT_BY, list):
-    selected = list(dict.fromkeys(SELECT_BY))
-elif SELECT_BY == "label_auroc":
-    best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.0)
-    selected = [int(i) for i in np.argsort(-best, kind="stable")[:N_TOP_NEURONS]]
+    selected, selected_by = list(dict.fromkeys(SELECT_BY)), "by index"
 else:
-    order = np.lexsort((-mean_activation, -prevalence))  # most prevalent first, ties by mean activation
-    selected = [int(i) for i in order[:N_TOP_NEURONS] if prevalence[i] > 0]
+    by_label = SELECT_BY == "label_auroc" or (SELECT_BY == "auto" and labels is not None)
+    selected = default_selection(N_TOP_NEURONS, prevalence, mean_activation, is_template,
+                                 auroc_LM if by_label else None)
+    selected_by = "content features by label association" if by_label else "content features by prevalence"
 
 # ---- examples per feature: top activating (shown), held-out activating and non-activating (scoring)
 try:
@@ -147,6 +161,7 @@ def plain(i):
     return content_text(tokenizer, ids, roles, 4 * CONTEXT_TOKENS)
 
 
+best_label_M, best_auroc_M = best_labels(auroc_LM) if auroc_LM is not None else (None, None)
 features = {}
 for f in selected:
     order = np.argsort(-max_NM[:, f], kind="stable")
@@ -158,14 +173,17 @@ for f in selected:
     held_silent = silent[N_EXAMPLES:N_EXAMPLES + len(held_out)]
     peak_ids = np.array([tokens_of(i)[0][peak_NM[i, f]] for i in firing])
     best_label = best_auroc = None
-    if auroc_LM is not None and np.nanmax(auroc_LM[:, f], initial=0.5) > 0.5:  # 0.5: no association
-        c = int(np.nanargmax(auroc_LM[:, f]))
-        best_label, best_auroc = label_names[c], float(auroc_LM[c, f])
-    features[f] = {"shown": [snippet(i, f) for i in shown], "shown_silent": [plain(i) for i in shown_silent],
+    if auroc_LM is not None and best_label_M[f] >= 0:
+        best_label, best_auroc = label_names[best_label_M[f]], float(best_auroc_M[f])
+    top_tokens = distinctive_tokens(peak_ids, token_counts, acts.n_tokens, tokenizer)
+    shown_snippets = [snippet(i, f) for i in shown]
+    features[f] = {"shown": shown_snippets, "shown_silent": [plain(i) for i in shown_silent],
                    "held_out": [snippet(i, f) for i in held_out], "held_silent": [plain(i) for i in held_silent],
-                   "top_tokens": distinctive_tokens(peak_ids, token_counts, acts.n_tokens, tokenizer),
-                   "top_label": best_label, "top_label_auroc": best_auroc,
-                   "interpretation": OFFLINE_NOTE, "precision": None, "recall": None, "f1": None}
+                   "top_tokens": top_tokens, "top_label": best_label, "top_label_auroc": best_auroc,
+                   "kind": "template" if is_template[f] else "content",
+                   "interpretation": data_description(best_label, best_auroc, top_tokens,
+                                                      shown_snippets[0] if shown_snippets else None),
+                   "source": "data", "precision": None, "recall": None, "f1": None}
 
 
 # ---- LLM descriptions and scores
@@ -200,7 +218,10 @@ if api_key or base_url:
         answers = dict(zip(selected, pool.map(
             lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60), selected)))
         for f, answer in answers.items():
-            features[f]["interpretation"] = answer if answer else "failed: no answer from the LLM (see the log)"
+            if answer:
+                features[f].update(interpretation=answer, source="llm")
+            else:  # the data's description stays, and says so
+                features[f]["source"] = "data (the LLM gave no answer; see the log)"
         if SCORE:
             jobs = [(f, text, truth) for f in selected if answers[f]
                     for texts, truth in ((features[f]["held_out"], True), (features[f]["held_silent"], False))
@@ -222,15 +243,15 @@ if api_key or base_url:
     unreachable = chat.unreachable
     print(chat.summary())
 else:
-    print(f"No OPENAI_API_KEY and no OPENAI_BASE_URL: descriptions {OFFLINE_NOTE.split(': ', 1)[1]}")
+    print("No OPENAI_API_KEY and no OPENAI_BASE_URL: each feature is described from the data (its best label, "
+          "peak tokens and a top example); set either and rerun for LLM descriptions")
 
 # ---- console
 for f in selected:
     d = features[f]
-    text = "" if d["interpretation"] == OFFLINE_NOTE else f": {d['interpretation']}"
     score = f" (F1 {d['f1']:.2f})" if d["f1"] is not None else ""
-    label = f"; best label {d['top_label']} (AUROC {d['top_label_auroc']:.2f})" if d["top_label"] else ""
-    print(f"\nNeuron {f} ({100 * prevalence[f]:.1f}% active){text}{score}{label}")
+    kind = " [template feature]" if d["kind"] == "template" else ""
+    print(f"\nNeuron {f} ({100 * prevalence[f]:.1f}% active){kind}: {d['interpretation']}{score}")
     tokens = ", ".join(f"{t!r}×{c}" for t, c in d["top_tokens"])
     if tokens:
         print(f"  distinctive peak tokens: {tokens}")
@@ -238,46 +259,70 @@ for f in selected:
         print(f"  - {s}")
 
 # ---- outputs (each written to a temporary name, then renamed)
+columns = ["neuron_idx", "kind", "prevalence", "mean_activation", "template_share", "interpretation", "source", "f1",
+           "precision", "recall", "top_label", "top_label_auroc", "top_tokens"] + [f"top_example_{j}" for j in range(1, 6)]
 rows = []
 for f in selected:
     d = features[f]
-    row = {"neuron_idx": f, "prevalence": float(prevalence[f]), "mean_activation": float(mean_activation[f]),
-           "interpretation": d["interpretation"], "f1": d["f1"], "precision": d["precision"], "recall": d["recall"],
+    share = None if np.isnan(template_share[f]) else float(template_share[f])
+    row = {"neuron_idx": f, "kind": d["kind"], "prevalence": float(prevalence[f]),
+           "mean_activation": float(mean_activation[f]), "template_share": share, "interpretation": d["interpretation"],
+           "source": d["source"], "f1": d["f1"], "precision": d["precision"], "recall": d["recall"],
            "top_label": d["top_label"], "top_label_auroc": d["top_label_auroc"],
            "top_tokens": "; ".join(f"{t} ({c})" for t, c in d["top_tokens"])}
     for j in range(5):
         row[f"top_example_{j + 1}"] = d["shown"][j] if j < len(d["shown"]) else ""
     rows.append(row)
-columns = ["neuron_idx", "prevalence", "mean_activation", "interpretation", "f1", "precision", "recall", "top_label",
-           "top_label_auroc", "top_tokens"] + [f"top_example_{j}" for j in range(1, 6)]
 pd.DataFrame(rows, columns=columns).to_csv(OUTPUT_CSV + ".tmp", index=False)
 os.replace(OUTPUT_CSV + ".tmp", OUTPUT_CSV)
+
+
+def token_text(token_id):
+    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(token_id))]) if token_id >= 0 else ""
+
 
 cards = []
 for f in selected:
     d = features[f]
     stats = [f"{100 * prevalence[f]:.1f}% of examples", f"mean activation {mean_activation[f]:.3g}"]
+    if d["kind"] == "template":
+        stats.append(f"template feature ({100 * template_share[f]:.0f}% of its activation on template positions)")
     if d["f1"] is not None:
         stats.append(f"F1 {d['f1']:.2f} (precision {d['precision']:.2f}, recall {d['recall']:.2f})")
     if d["top_label"]:
         stats.append(f"best label {d['top_label']} (AUROC {d['top_label_auroc']:.2f})")
     if d["top_tokens"]:
         stats.append("peak tokens: " + ", ".join(repr(t) for t, _ in d["top_tokens"]))
-    cards.append({"neuron_idx": f, "title": f"Feature {f}", "interpretation": d["interpretation"], "stats": " · ".join(stats), "examples": d["shown"]})
-llm_note = chat.summary() if chat else f"Descriptions {OFFLINE_NOTE}."
-n_described = sum(1 for f in selected if features[f]["interpretation"] != OFFLINE_NOTE
-                  and not features[f]["interpretation"].startswith("failed"))
+    cards.append({"neuron_idx": f, "title": f"Feature {f}", "interpretation": d["interpretation"],
+                  "source": d["source"], "stats": " · ".join(stats), "examples": d["shown"]})
+template_rows = [{"neuron_idx": int(f), "peak_token": token_text(ex.peak_token_M[f]), "share": float(template_share[f])}
+                 for f in np.flatnonzero(is_template)[np.argsort(-template_share[is_template], kind="stable")]]
+n_described = sum(1 for f in selected if features[f]["source"] == "llm")
+llm_note = chat.summary() if chat else ("Descriptions come from the data (best label, peak tokens, a top example); "
+                                        "set OPENAI_API_KEY or OPENAI_BASE_URL for LLM descriptions.")
 metrics = dict(ckpt.get("metrics", {}))
+label_note = (f"{len(covered)} of {len(label_names)} labels are some feature's own best label at AUROC ≥ 0.8 "
+              f"(per-example maxima over {INTERPRET_TOKENS} tokens)" if labels is not None else None)
 html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
               {"interpret": config, "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
               metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note,
+              template_rows=template_rows, label_note=label_note,
               record={"config": config, "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
                       "llm": chat.url if chat else None, "n_described": n_described,
                       "n_selected": len(selected)})
 with open(REPORT_HTML + ".tmp", "w", encoding="utf-8") as f:
     f.write(html)
 os.replace(REPORT_HTML + ".tmp", REPORT_HTML)
-print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described) and {REPORT_HTML}")
+print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described by an LLM) and {REPORT_HTML}; "
+      f"{len(template_rows)} template features are listed apart in the report")
+
+# ---- the selected features at a glance
+print(f"\nSelected features ({len(selected)} of {sae.m}, {selected_by}; share of examples active; description "
+      f"from {'the LLM' if n_described else 'the data'}):")
+for f in selected:
+    text = features[f]["interpretation"]
+    text = text if len(text) <= 110 else text[:109] + "…"
+    print(f"  Neuron {f:>5} ({100 * prevalence[f]:5.1f}% active): {text}")
 if unreachable:
     fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "
-         f"descriptions were written ({OUTPUT_CSV}, {REPORT_HTML}); check OPENAI_BASE_URL and rerun")
+         f"LLM descriptions were written ({OUTPUT_CSV}, {REPORT_HTML}); check OPENAI_BASE_URL and rerun")

@@ -161,8 +161,15 @@ if os.path.isfile(ckpt_path):
     m = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("metrics", {})
     if m:
         lm_line = f", ΔLM loss {m['lm_eval']['delta_lm_loss_pct']:+.2f}%" if "ce_clean" in m.get("lm_eval", {}) else ""
-        print(f"checkpoint    {ckpt_path} ({size(ckpt_path)}): val normalized MSE {m['val_nmse']:.4f}, "
+        content = m.get("val_nmse_content")
+        content = f" ({content:.4f} on content tokens)" if content is not None else ""
+        print(f"checkpoint    {ckpt_path} ({size(ckpt_path)}): val normalized MSE {m['val_nmse']:.4f}{content}, "
               f"{m['l0']:.2f} active features/token, {100 * m['dead_ratio']:.1f}% dead, {m['epochs']} epochs{lm_line}")
+        if m.get("labels"):
+            lab = m["labels"]
+            print(f"labels        {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC "
+                  f">= {lab['auroc_threshold']}; probe on validation examples: SAE features "
+                  f"{100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
 csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
 if os.path.isfile(html):
     record = read_record(open(html, encoding="utf-8").read()) or {}

@@ -27,12 +27,15 @@ from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
-from sae.stream import (TOKEN_SELECTIONS, MixingStream, NonFiniteActivations, ReconStats, count_tokens,
-                        eval_batches, init_sample, split_examples, trained_on)
+from sae.features import auroc, example_features, labels_covered
+from sae.probe import probe_accuracy
+from sae.selection import TOKEN_SELECTIONS, TokenSelection
+from sae.stream import (MixingStream, NonFiniteActivations, ReconStats, count_tokens, eval_batches, init_sample,
+                        split_examples)
 
 # ---- data
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
-TRAIN_TOKENS = "no_first"  # "no_first" (skip each example's attention-sink token), "all", "no_special", "assistant"
+TRAIN_TOKENS = "distinct"  # "distinct" (no attention sinks; positions shared by several examples once), "no_first", "all", "no_special", "assistant", "content"
 VAL_FRACTION = 0.1  # share of examples (not tokens) held out for validation, stratified by label
 # ---- model
 M = 256  # number of features (dictionary size)
@@ -98,18 +101,19 @@ train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, 
 if len(val_ids) == 0 or len(train_ids) == 0:
     fail(f"{ACTIVATIONS_PATH} has {acts.n_examples} examples, too few for a validation split with "
          f"VAL_FRACTION={VAL_FRACTION}; use more examples or a larger --val_fraction")
-n_train, n_train_left = count_tokens(acts, train_ids, TRAIN_TOKENS)
-n_val, n_val_left = count_tokens(acts, val_ids, TRAIN_TOKENS)
+selection = TokenSelection(acts, TRAIN_TOKENS, [train_ids, val_ids])  # each split keeps one copy of shared prefixes
+n_train, n_train_left = count_tokens(acts, train_ids, selection)
+n_val, n_val_left = count_tokens(acts, val_ids, selection)
 if n_train == 0 or n_val == 0:
     fail(f"TRAIN_TOKENS={TRAIN_TOKENS!r} selects no tokens in {'training' if n_train == 0 else 'validation'} "
          f"examples of {ACTIVATIONS_PATH} (is there an assistant turn?); choose another selection")
 print(f"Activations: {ACTIVATIONS_PATH} ({acts.meta['model']}, layer {acts.meta['layer']}, d={acts.d}, "
       f"{acts.n_examples} examples, {acts.n_tokens} tokens)")
 print(f"Train: {len(train_ids)} examples, {n_train} tokens; Val: {len(val_ids)} examples, {n_val} tokens "
-      f"(split by example; tokens: {TRAIN_TOKENS} = {TOKEN_SELECTIONS[TRAIN_TOKENS]}, "
+      f"(split by example; tokens: {TRAIN_TOKENS} = {selection.description}, "
       f"{n_train_left + n_val_left} left out)")
 
-stream = MixingStream(acts, train_ids, TRAIN_TOKENS, BATCH_SIZE, SEED, rank=rank, world=world)
+stream = MixingStream(acts, train_ids, selection, BATCH_SIZE, SEED, rank=rank, world=world)
 path = checkpoint_path(RUN_NAME, M, K)
 provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activations_bytes": os.path.getsize(ACTIVATIONS_PATH),
               "activations_sha256": sha256_file(ACTIVATIONS_PATH), "model": acts.meta["model"],
@@ -122,7 +126,7 @@ provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activation
 torch.manual_seed(SEED)
 sae = SparseAutoencoder(acts.d, M, K, aux_k=aux_k, dead_steps=DEAD_STEPS, prefixes=prefixes,
                         batch_topk=USE_BATCH_TOPK)
-sample = init_sample(acts, train_ids, TRAIN_TOKENS, SEED)
+sample = init_sample(acts, train_ids, selection, SEED)
 sae.init_from_data(sample)
 mean_activation_D = sample.mean(0)  # for the mean-ablation baseline of the LM evaluation
 sae.to(device)
@@ -156,16 +160,19 @@ if RESUME:
 TOKEN_KINDS = ("first", "special", "system", "user", "assistant")  # role codes 0..3, and each example's first token
 
 
-def evaluate(model, ids, full=False):
-    """Reconstruction metrics on the trained-on tokens of the given examples (the per-epoch validation);
-    with full, also on the left-out tokens, on all tokens split by kind, and which features fired."""
+def evaluate(model, acts, ids, selection, fused, device, full=False):
+    """Reconstruction metrics on the selected tokens of the given examples (the per-epoch validation);
+    with full, also on the left-out tokens, on content tokens, on all tokens split by kind (each position
+    shared by several examples once), and which features fired."""
     model.eval()
     kept, left = ReconStats(acts.d, len(model.prefixes)), ReconStats(acts.d, len(model.prefixes))
+    content = ReconStats(acts.d)
     kinds = {kind: ReconStats(acts.d) for kind in TOKEN_KINDS}
     fired = torch.zeros(model.m, dtype=torch.bool, device=device)
     with torch.no_grad():
+        # on a CPU, chunks stay below the malloc mmap threshold (heap reuse, no page faults)
         chunk_tokens = 1 << 13 if device.type == "cuda" else max(64, MMAP_THRESHOLD // 2 // (4 * acts.d))
-        for x, keep, roles, first in eval_batches(acts, ids, TRAIN_TOKENS, chunk_tokens):
+        for x, keep, rows in eval_batches(acts, ids, selection, chunk_tokens):
             x, keep = x.to(device), keep.to(device)
             if not full:  # the trained-on tokens' errors, without building reconstructions
                 x = x[keep]
@@ -180,7 +187,10 @@ def evaluate(model, ids, full=False):
             kept.add(x[keep], [r[keep] for r in recons], l0[keep])
             left.add(x[~keep], [r[~keep] for r in recons], l0[~keep])
             fired[idx[keep][vals[keep] > 0]] = True
-            kind = np.where(first, 0, np.asarray(roles, dtype=np.int64) + 1)
+            sel = torch.from_numpy(rows.content).to(device)
+            content.add(x[sel], [recons[-1][sel]], l0[sel])
+            kind = np.where(rows.first, 0, np.asarray(rows.roles, dtype=np.int64) + 1)
+            kind[rows.repeated] = -1  # a copy of an earlier example's position: counted once
             for k, name in enumerate(TOKEN_KINDS):
                 sel = torch.from_numpy(kind == k).to(device)
                 kinds[name].add(x[sel], [recons[-1][sel]], l0[sel])
@@ -189,9 +199,30 @@ def evaluate(model, ids, full=False):
     if full:
         out["never_fired_ratio"] = 1 - fired.float().mean().item()
         out["left_out"] = left.result()
+        out["content"] = {k: v for k, v in content.result().items() if k != "prefix_nmse"}
         out["by_token_kind"] = {name: {k: v for k, v in s.result().items() if k != "prefix_nmse"}
                                 for name, s in kinds.items()}
     return out
+
+
+def label_metrics(sae, acts, train_ids, val_ids, selection_name, device, threshold=0.8):
+    """What the features say about the labels: the labels that are some feature's own best label at
+    AUROC >= threshold (per-example maxima over content tokens, all examples), and a linear probe on
+    those maxima against the same probe on mean-pooled raw activations (fitted on the training
+    examples, scored on the validation examples)."""
+    ex = example_features(sae, acts, TokenSelection(acts, selection_name), "content", device)
+    auroc_LM, names = auroc(ex.max_NM, acts.labels)
+    covered = labels_covered(auroc_LM, names, threshold)
+    best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.5) if len(names) else np.zeros(0)
+    y = acts.labels
+    sae_probe = probe_accuracy(ex.max_NM[train_ids], y[train_ids], ex.max_NM[val_ids], y[val_ids])
+    raw_probe = probe_accuracy(ex.mean_ND[train_ids], y[train_ids], ex.mean_ND[val_ids], y[val_ids])
+    return {"n_labels": len(names), "auroc_threshold": threshold, "labels_covered": len(covered),
+            "covered": covered, "mean_best_auroc": float(best.mean()) if len(best) else None,
+            "probe_sae_accuracy": sae_probe["accuracy"], "probe_raw_accuracy": raw_probe["accuracy"],
+            "probe_ratio": sae_probe["accuracy"] / raw_probe["accuracy"] if raw_probe["accuracy"] else None,
+            "probe_chance": sae_probe["chance"], "probe_train_examples": sae_probe["n_train"],
+            "probe_val_examples": sae_probe["n_test"]}
 
 
 def checkpoint(epoch, finished, metrics=None):
@@ -246,7 +277,7 @@ try:
             loss_sum += out["loss"]
             n_steps += 1
             tokens_seen += len(x) * world
-        val = evaluate(sae, val_ids)
+        val = evaluate(sae, acts, val_ids, selection, fused, device)
         val_loss = float(np.mean(val["prefix_nmse"]))
         dead_ratio = sae.dead_mask().float().mean().item()
         loss_sum, n_steps = dist.all_reduce([loss_sum.item(), n_steps])
@@ -277,14 +308,17 @@ if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
-final = evaluate(sae, val_ids, full=True)
+final = evaluate(sae, acts, val_ids, selection, fused, device, full=True)
 left = final.pop("left_out")
 metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse": final["prefix_nmse"],
            "l0": final["l0"], "dead_ratio": sae.dead_mask().float().mean().item(),
            "never_fired_ratio": final["never_fired_ratio"], "left_out": left, "best_val_loss": best_loss,
            "epochs": len(history), "train_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-           "train_seconds": elapsed, "by_token_kind": final["by_token_kind"]}
-print(f"Val MSE: {final['mse']:.6g} (normalized: {final['nmse']:.4f})")
+           "train_seconds": elapsed, "val_nmse_content": final["content"].get("nmse"), "content": final["content"],
+           "by_token_kind": final["by_token_kind"]}
+content_nmse = metrics["val_nmse_content"]
+print(f"Val MSE: {final['mse']:.6g} (normalized: {final['nmse']:.4f}; on content tokens: "
+      f"{'n/a' if content_nmse is None else f'{content_nmse:.4f}'})")
 print(f"Active features/token: {final['l0']:.2f}")
 print(f"Dead neurons: {100 * metrics['dead_ratio']:.1f}% (no firing in the last {DEAD_STEPS} steps); "
       f"{100 * final['never_fired_ratio']:.1f}% never fire on validation")
@@ -295,12 +329,21 @@ if left.get("tokens"):
     print(f"Left-out tokens ({TRAIN_TOKENS}): {left['tokens']} tokens, MSE {left['mse']:.6g} "
           f"(relative error ‖x − x̂‖²/‖x‖²: {left['relative_error']:.4f}), not trained on")
 print(f"Throughput: {metrics['train_tokens_per_s']:.0f} tokens/s ({tokens_seen} tokens in {elapsed:.1f}s)")
-print("Reconstruction by token kind (all validation tokens):")
+print("Reconstruction by token kind (validation tokens; a position shared by several examples counted once):")
 for name, r in final["by_token_kind"].items():
     if r.get("tokens"):
         nmse = "n/a (all alike)" if r["nmse"] is None else f"{r['nmse']:.4f}"
         print(f"  {name:<9} {r['tokens']:>8} tokens  MSE {r['mse']:<10.5g} normalized {nmse:<8} "
               f"relative {r['relative_error']:<8.4f} L0 {r['l0']:.2f}")
+
+if acts.labels is not None:
+    t0 = time.time()
+    metrics["labels"] = lab = label_metrics(sae, acts, train_ids, val_ids, TRAIN_TOKENS, device)
+    print(f"Labels: {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC >= "
+          f"{lab['auroc_threshold']} (mean best AUROC per feature {lab['mean_best_auroc']:.3f}); linear probe on "
+          f"{lab['probe_val_examples']} validation examples: SAE feature maxima {100 * lab['probe_sae_accuracy']:.1f}%, "
+          f"mean-pooled activations {100 * lab['probe_raw_accuracy']:.1f}% (majority label "
+          f"{100 * lab['probe_chance']:.1f}%), {time.time() - t0:.1f}s")
 
 # ---- the SAE in the model: next-token loss with the layer's output replaced by the reconstruction
 if EVAL_LM:
@@ -315,12 +358,12 @@ if EVAL_LM:
         model = lm.load_model(where, device, model_dtype)
         chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
         examples = [(np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]),
-                     trained_on(acts, np.array([i]), TRAIN_TOKENS)) for i in chosen]
+                     selection.example_mask(acts, i)) for i in chosen]
         sae.eval()
         t0 = time.time()
         lm_metrics = lm.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
                                     EVAL_BATCH_TOKENS)
-        lm_metrics["replaced"] = f"{TRAIN_TOKENS} tokens ({TOKEN_SELECTIONS[TRAIN_TOKENS]}); others keep the model's output"
+        lm_metrics["replaced"] = f"{TRAIN_TOKENS} tokens of each example ({selection.description}); others keep the model's output"
         metrics["lm_eval"] = lm_metrics
         del model
         print(f"LM evaluation on {len(examples)} validation examples ({lm_metrics['predictions']} next-token "

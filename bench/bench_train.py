@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from sae.activations import StreamingNpzWriter, open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
+from sae.selection import TokenSelection  # noqa: E402
 from sae.stream import eval_batches, split_examples  # noqa: E402
 
 ACTS = os.path.join(ROOT, "activations", "activations_layer12.npz")
@@ -45,7 +46,7 @@ def load_hypothesaes():
 
 
 def tokens(acts, ids):
-    xs = [x[keep] for x, keep, _, _ in eval_batches(acts, ids, "no_first")]
+    xs = [x[keep] for x, keep, _ in eval_batches(acts, ids, TokenSelection(acts, "no_first"))]
     return torch.cat(xs)
 
 
@@ -61,7 +62,7 @@ def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
     cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={acts_path}",
            f"--run_name={run_name}", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}",
            f"--n_epochs={epochs}", f"--patience={epochs}", f"--batch_size={BATCH}", f"--lr={LR}",
-           "--export_saelens=False", "--eval_lm=False"]
+           "--export_saelens=False", "--eval_lm=False", "--train_tokens=no_first"]
     if timed:
         cmd = ["/usr/bin/time", "-v"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(),

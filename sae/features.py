@@ -1,40 +1,93 @@
-"""Per-example feature activations and what they relate to: prevalence, label AUROC, peak tokens.
+"""Per-example feature activations and what they relate to: prevalence, label AUROC, peak tokens,
+template or content.
 
-An example's activation for a feature is its maximum over the example's tokens (the tokens the SAE was
-trained on); the position of that maximum is kept, so the peak token can be shown in context.
-No file I/O here beyond reading the memory-mapped activations given to `example_maxima`.
+An example's activation for a feature is its maximum over the example's content tokens (user and
+assistant turns outside prefixes shared by several examples; see sae.selection), or over the tokens the
+SAE was trained on; the position of that maximum is kept, so the peak token can be shown in context.
+A feature whose activation mass lies mostly on template positions (chat template, shared prefixes,
+each distinct position counted once) is a template feature: it says what the format is, not the text.
+No file I/O here beyond reading the memory-mapped activations given to `example_features`.
 """
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 
+from .selection import TokenSelection, selected_rows
 from .stream import eval_batches
 
 
+@dataclass
+class ExampleFeatures:
+    """What the SAE's features do on each example and where in the file they fire.
+
+    max_NM, peak_NM: per example and feature, the largest code over the example's read tokens and its
+        position within the example (-1: does not fire there);
+    mean_ND: the mean raw activation over the same tokens (the baseline the probe compares with);
+    content_M, template_M: each feature's summed codes over distinct content and template positions
+        (shared prefixes once; see sae.selection), whose ratio classes features;
+    peak_token_M: the token id where each feature's code is largest over those positions (-1: never)."""
+    max_NM: np.ndarray
+    peak_NM: np.ndarray
+    mean_ND: np.ndarray
+    content_M: np.ndarray
+    template_M: np.ndarray
+    peak_token_M: np.ndarray
+
+    @property
+    def template_share_M(self) -> np.ndarray:
+        """Share of each feature's activation mass on template positions (NaN: never fires)."""
+        total = self.content_M + self.template_M
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, self.template_M / total, np.nan)
+
+
 @torch.no_grad()
-def example_maxima(sae, acts, selection: str, device="cpu", chunk_tokens: int = 1 << 14):
-    """(max_NM float32, peak_NM int32): per example and feature, the largest code over the example's
-    trained-on tokens and the token position (within the example) where it occurs (-1: never fires)."""
+def example_features(sae, acts, selection: TokenSelection, tokens: str = "content", device="cpu",
+                     chunk_tokens: int = 1 << 14) -> ExampleFeatures:
+    """Per-example maxima over the example's content tokens (tokens="content") or over the positions
+    the selection trains on within the example ("trained"), plus where each feature fires in the file.
+    `selection` holds the shared prefixes of the whole file (TokenSelection(acts, name))."""
+    if tokens not in ("content", "trained"):
+        raise ValueError(f"tokens={tokens!r} must be 'content' or 'trained'")
     n, m = acts.n_examples, sae.m
     max_NM = np.zeros((n, m), dtype=np.float32)
     peak_NM = np.full((n, m), -1, dtype=np.int32)
+    sum_ND = torch.zeros((n, acts.d), dtype=torch.float64)
+    count_N = np.zeros(n)
+    mass = {"content": np.zeros(m), "template": np.zeros(m)}
+    peak_val_M, peak_token_M = np.zeros(m, dtype=np.float32), np.full(m, -1, dtype=np.int64)
     first_row = 0  # eval_batches walks all examples in file order, so chunks are consecutive rows
-    for x, keep, _, _ in eval_batches(acts, np.arange(n), selection, chunk_tokens):
+    for x, _, rows in eval_batches(acts, np.arange(n), selection, chunk_tokens):
         row_ids = np.arange(first_row, first_row + len(x))
         example_of_row = np.searchsorted(acts.offsets, row_ids, side="right") - 1
         pos_in_example = row_ids - acts.offsets[example_of_row]
+        read = rows.content if tokens == "content" else \
+            selected_rows(selection.name, replace(rows, repeated=np.zeros_like(rows.repeated)))
+        sum_ND.index_add_(0, torch.from_numpy(example_of_row[read]), x[torch.from_numpy(read)].double())
+        np.add.at(count_N, example_of_row[read], 1)
         idx, vals = sae.encode_sparse(x.to(device))
-        vals = (vals * keep.to(device)[:, None]).cpu().numpy().reshape(-1)
-        idx = idx.cpu().numpy()
-        rows = np.repeat(np.arange(len(x)), idx.shape[1])
-        live = vals > 0
-        rows, feats, vals = rows[live], idx.reshape(-1)[live], vals[live]
+        idx, vals = idx.cpu().numpy(), vals.float().cpu().numpy()
+        token_of_row = np.asarray(acts.token_ids[first_row:first_row + len(x)])
+        for kind, where in (("content", rows.content), ("template", rows.template)):
+            v = (vals * where[:, None]).reshape(-1)
+            np.add.at(mass[kind], idx.reshape(-1), v)
+            higher = np.flatnonzero(v > peak_val_M[idx.reshape(-1)])  # beats the feature's peak so far
+            higher = higher[np.argsort(v[higher], kind="stable")]  # increasing: each feature ends at its max
+            peak_val_M[idx.reshape(-1)[higher]] = v[higher]
+            peak_token_M[idx.reshape(-1)[higher]] = token_of_row[higher // idx.shape[1]]
+        vals = vals * read[:, None]
+        r = np.repeat(np.arange(len(x)), idx.shape[1])
+        live = vals.reshape(-1) > 0
+        r, feats, v = r[live], idx.reshape(-1)[live], vals.reshape(-1)[live]
         # write in increasing value (ties: the earliest position last), so each cell ends at its maximum
-        order = np.lexsort((-pos_in_example[rows], vals))
-        ex, feats, vals, pos = example_of_row[rows][order], feats[order], vals[order], pos_in_example[rows][order]
-        max_NM[ex, feats] = vals  # chunks hold whole examples: each cell is written in one chunk only
+        order = np.lexsort((-pos_in_example[r], v))
+        ex, feats, v, pos = example_of_row[r][order], feats[order], v[order], pos_in_example[r][order]
+        max_NM[ex, feats] = v  # chunks hold whole examples: each cell is written in one chunk only
         peak_NM[ex, feats] = pos
         first_row += len(x)
-    return max_NM, peak_NM
+    mean_ND = (sum_ND.numpy() / np.maximum(count_N, 1)[:, None]).astype(np.float32)
+    return ExampleFeatures(max_NM, peak_NM, mean_ND, mass["content"], mass["template"], peak_token_M)
 
 
 def auroc(scores_NM: np.ndarray, labels_N: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -102,3 +155,57 @@ def distinctive_tokens(peak_token_ids: np.ndarray, token_counts: dict, n_tokens:
         scored.append((np.log(ratio), int(c), int(t)))
     scored.sort(reverse=True)
     return [(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(t)]), c) for _, c, t in scored[:top]]
+
+
+TEMPLATE_SHARE = 0.5  # a feature with at least this share of its activation mass on template positions
+
+
+def template_features(ex: ExampleFeatures, share: float = TEMPLATE_SHARE) -> np.ndarray:
+    """Boolean (M,): the features that fire mainly on template positions (chat template, shared prefixes)."""
+    return np.nan_to_num(ex.template_share_M, nan=0.0) >= share
+
+
+def best_labels(auroc_LM: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's own best label (index; -1 when no label beats 0.5, i.e. no association) and its AUROC."""
+    filled = np.nan_to_num(auroc_LM, nan=0.0)
+    best_M = filled.argmax(0) if len(filled) else np.zeros(auroc_LM.shape[1], dtype=np.int64)
+    value_M = filled.max(0, initial=0.0)
+    return np.where(value_M > 0.5, best_M, -1), value_M
+
+
+def labels_covered(auroc_LM: np.ndarray, label_names: list[str], threshold: float = 0.8) -> list[str]:
+    """The labels that are some feature's own best label with AUROC >= threshold."""
+    best_M, value_M = best_labels(auroc_LM)
+    return sorted({label_names[c] for c, v in zip(best_M, value_M) if c >= 0 and v >= threshold})
+
+
+def default_selection(n: int, prevalence_M: np.ndarray, mean_activation_M: np.ndarray, template_M: np.ndarray,
+                      auroc_LM: np.ndarray | None) -> list[int]:
+    """The features to show first, never template features nor ones that never fire on content.
+
+    With labels: by label association, each label's best feature first (in decreasing AUROC), then the
+    other features by AUROC, so that n features cover as many labels as they can. Without labels: by
+    prevalence (share of examples where the feature fires), ties by mean activation."""
+    eligible = ~template_M & (prevalence_M > 0)
+    if auroc_LM is None or not len(auroc_LM):
+        order = np.lexsort((-mean_activation_M, -prevalence_M))
+        return [int(f) for f in order if eligible[f]][:n]
+    best_M, value_M = best_labels(auroc_LM)
+    order = [int(f) for f in np.argsort(-value_M, kind="stable") if eligible[f]]
+    seen, leaders, rest = set(), [], []
+    for f in order:
+        (leaders if best_M[f] >= 0 and best_M[f] not in seen else rest).append(f)
+        seen.add(best_M[f])
+    return (leaders + rest)[:n]
+
+
+def data_description(label: str | None, label_auroc: float | None, top_tokens: list, example: str | None) -> str:
+    """A feature described from the data alone: its best label, its peak tokens and one peak in context."""
+    parts = []
+    if label:
+        parts.append(f"most active on '{label}' examples (AUROC {label_auroc:.2f})")
+    if top_tokens:
+        parts.append("peaks on " + ", ".join(repr(t) for t, _ in top_tokens[:3]))
+    if example:
+        parts.append(f"e.g. “{example}”")
+    return "From the data: " + ("; ".join(parts) if parts else "no label association and no repeated peak token")

@@ -105,7 +105,7 @@ def read_record(html_text: str) -> dict | None:
 
 def render(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
            auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
-           record: dict | None = None) -> str:
+           template_rows: list[dict] = (), label_note: str | None = None, record: dict | None = None) -> str:
     hist = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
@@ -114,7 +114,7 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
              line_plot({"dead ratio": [h.get("dead_ratio") for h in history]}, ylabel="dead ratio"),
              "<h2>Metrics</h2><table>"]
     for k, v in metrics.items():
-        if k in ("lm_eval", "by_token_kind", "left_out"):
+        if k in ("lm_eval", "by_token_kind", "left_out", "content", "labels"):
             continue
         parts.append(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>")
     parts.append("</table>")
@@ -133,14 +133,27 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
     elif "skipped" in lm_eval:
         parts.append(f"<h2>The SAE in the model</h2><p class=muted>Skipped: {_esc(lm_eval['skipped'])}</p>")
     if kinds:
-        parts.append("<h2>Reconstruction by token kind</h2><table><tr><th>kind</th><th>tokens</th><th>MSE</th>"
+        parts.append("<h2>Reconstruction by token kind</h2><p class=muted>Validation tokens; a position that several "
+                     "examples share (identical prefix) counted once. Content: user and assistant turns outside "
+                     "shared prefixes.</p><table><tr><th>kind</th><th>tokens</th><th>MSE</th>"
                      "<th>normalized MSE</th><th>relative error</th><th>L0</th></tr>")
-        for name, r in kinds.items():
+        content = {"content": metrics["content"]} if metrics.get("content") else {}
+        for name, r in {**kinds, **content}.items():
             if r.get("tokens"):
                 nmse = "n/a" if r["nmse"] is None else f"{r['nmse']:.4f}"
                 parts.append(f"<tr><td>{_esc(name)}</td><td>{r['tokens']}</td><td>{r['mse']:.5g}</td><td>{nmse}</td>"
                              f"<td>{r['relative_error']:.4f}</td><td>{r['l0']:.2f}</td></tr>")
         parts.append("</table>")
+    lab = metrics.get("labels") or {}
+    if label_note or lab:
+        parts.append("<h2>What the features say about the labels</h2>")
+        if label_note:
+            parts.append(f"<p>{_esc(label_note)}.</p>")
+        if lab.get("probe_raw_accuracy") is not None:
+            parts.append(f"<p>Linear probe on {lab['probe_val_examples']} validation examples: SAE feature maxima "
+                         f"{100 * lab['probe_sae_accuracy']:.1f}%, mean-pooled raw activations "
+                         f"{100 * lab['probe_raw_accuracy']:.1f}% (most common label: {100 * lab['probe_chance']:.1f}%)."
+                         f"</p>")
     parts += ["<h2>Feature prevalence</h2>",
               histogram(prevalence, xlabel="share of examples where the feature fires")]
     if auroc_LM is not None and len(label_names):
@@ -153,11 +166,20 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
     parts.append("<h2>Features</h2>")
     for c in cards:
         parts.append("<div class=card>")
-        parts.append(f"<h3>{_esc(c['title'])}</h3><div>{_esc(c['interpretation'])}</div>")
+        source = "" if c.get("source") == "llm" else f" <span class=muted>({_esc(c.get('source', 'data'))})</span>"
+        parts.append(f"<h3>{_esc(c['title'])}</h3><div>{_esc(c['interpretation'])}{source}</div>")
         parts.append(f"<div class=muted>{_esc(c['stats'])}</div>")
         for ex in c["examples"]:
             parts.append(f"<div class=ex>{highlight(ex)}</div>")
         parts.append("</div>")
+    if template_rows:
+        parts.append(f"<h2>Template features ({len(template_rows)})</h2><p class=muted>Features whose activation lies "
+                     "mostly on the chat template or on prefixes that several examples share (each position counted "
+                     "once): they describe the format, not the text, and are not selected above.</p>"
+                     "<table><tr><th>feature</th><th>peak token</th><th>share on template</th></tr>")
+        parts += [f"<tr><td>{r['neuron_idx']}</td><td><code>{_esc(repr(r['peak_token']))}</code></td>"
+                  f"<td>{100 * r['share']:.0f}%</td></tr>" for r in template_rows]
+        parts.append("</table>")
     parts.append(f"<details><summary>Configuration</summary><pre>{_esc(json.dumps(config, indent=2))}</pre></details>")
     if record is not None:  # machine-readable: lets run_pipeline.py tell whether the report is up to date
         blob = json.dumps(record).replace("</", "<\\/")

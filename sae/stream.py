@@ -11,15 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .activations import ROLE_ASSISTANT, ROLE_SPECIAL, Activations
-
-TOKEN_SELECTIONS = {
-    "no_first": "every token but each example's first (the attention sink)",
-    "all": "every token",
-    "no_special": "every token but special and chat-template tokens",
-    "assistant": "assistant-turn tokens only",
-}
-
+from .activations import Activations
+from .selection import TokenSelection
 
 class NonFiniteActivations(Exception):
     pass
@@ -38,45 +31,20 @@ def split_examples(n: int, labels, val_fraction: float, seed: int) -> tuple[np.n
     return train, val
 
 
-def selected(roles: np.ndarray, first: np.ndarray, selection: str) -> np.ndarray:
-    """Boolean mask of tokens trained on, given their roles and whether each is an example's first."""
-    if selection == "all":
-        return np.ones(len(roles), dtype=bool)
-    if selection == "no_first":
-        return ~first
-    if selection == "no_special":
-        return (roles != ROLE_SPECIAL) & ~first
-    if selection == "assistant":
-        return roles == ROLE_ASSISTANT
-    raise ValueError(selection)
-
-
-def _roles_and_firsts(acts: Activations, example_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Token roles of the given examples' rows, concatenated in the order given, and which rows are
-    an example's first token."""
-    starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
-    lengths = ends - starts
-    first = np.zeros(int(lengths.sum()), dtype=bool)
-    first[np.cumsum(lengths) - lengths] = True
-    roles = np.concatenate([acts.token_role[a:b] for a, b in zip(starts, ends)]) if len(example_ids) else \
-        np.zeros(0, dtype=np.int8)
-    return roles, first
-
-
 _EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
 
-def trained_on(acts: Activations, example_ids: np.ndarray, selection: str) -> np.ndarray:
-    """Boolean mask of the trained-on tokens of the given examples' rows, concatenated in the order given."""
-    return selected(*_roles_and_firsts(acts, example_ids), selection)
+def trained_on(acts: Activations, example_ids: np.ndarray, selection: TokenSelection) -> np.ndarray:
+    """Boolean mask of the selected tokens of the given examples' rows, concatenated in the order given."""
+    return selection.mask(selection.rows(acts, example_ids))
 
 
-def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = None):
-    """(rows as stored (N, D), roles (N,), is-first (N,)) of the given examples, in the order given,
-    read into the start of `out` when given."""
-    roles, first = _roles_and_firsts(acts, example_ids)
+def _read(acts: Activations, example_ids: np.ndarray, selection: TokenSelection, out: np.ndarray | None = None):
+    """(rows as stored (N, D), what each row is (Rows)) of the given examples, in the order given, read
+    into the start of `out` when given."""
+    info = selection.rows(acts, example_ids)
     dtype = acts.activations.dtype
-    rows = np.empty((len(roles), acts.d), dtype=dtype) if out is None else out[:len(roles)]
+    rows = np.empty((len(info.roles), acts.d), dtype=dtype) if out is None else out[:len(info.roles)]
     starts, ends = acts.offsets[example_ids], acts.offsets[example_ids + 1]
     row_ends = np.cumsum(ends - starts)  # where each example's rows end in `rows`
     for a, b, at in zip(starts, ends, row_ends - (ends - starts)):
@@ -88,10 +56,10 @@ def _read(acts: Activations, example_ids: np.ndarray, out: np.ndarray | None = N
         raise NonFiniteActivations(
             f"{acts.path} has NaN or inf activations in example {example} (line {acts.example_index[example] + 1} "
             f"of {acts.meta.get('dataset_path')}); re-extract with --store_dtype=float32 or drop that example")
-    return rows, roles, first
+    return rows, info
 
 
-def init_sample(acts: Activations, train_ids: np.ndarray, selection: str, seed: int,
+def init_sample(acts: Activations, train_ids: np.ndarray, selection: TokenSelection, seed: int,
                 max_tokens: int = 1 << 13) -> torch.Tensor:
     """Trained-on rows of a random tenth of the training examples, at most max_tokens of them (so memory
     does not grow with the file): the sample for the input scale and b_pre's median."""
@@ -99,8 +67,8 @@ def init_sample(acts: Activations, train_ids: np.ndarray, selection: str, seed: 
     lengths = acts.offsets[perm + 1] - acts.offsets[perm]
     within = int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1  # examples holding max_tokens tokens
     for ids in (perm[:min(max(1, len(perm) // 10), within)], perm[:within]):  # the second if the first has none
-        rows, roles, first = _read(acts, np.sort(ids))
-        keep = selected(roles, first, selection)
+        rows, info = _read(acts, np.sort(ids), selection)
+        keep = selection.mask(info)
         if keep.any():
             break
     return torch.from_numpy(rows[keep][:max_tokens]).float()
@@ -113,7 +81,7 @@ def chunks(acts: Activations, example_ids: np.ndarray, chunk_tokens: int) -> lis
     return [c for c in np.split(example_ids, np.unique(bounds)) if len(c)]
 
 
-def count_tokens(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 16):
+def count_tokens(acts: Activations, example_ids: np.ndarray, selection: TokenSelection, chunk_tokens: int = 1 << 16):
     """(trained-on tokens, left-out tokens) of the given examples."""
     kept = total = 0
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
@@ -130,7 +98,7 @@ class MixingStream:
     the same batches as an uninterrupted one. With `rank`/`world` each process takes every world-th chunk.
     """
 
-    def __init__(self, acts: Activations, example_ids: np.ndarray, selection: str, batch_size: int,
+    def __init__(self, acts: Activations, example_ids: np.ndarray, selection: TokenSelection, batch_size: int,
                  seed: int, chunk_tokens: int = 4096, buffer_bytes: int = 1 << 26, rank: int = 0, world: int = 1):
         self.acts, self.example_ids, self.selection = acts, np.asarray(example_ids), selection
         self.batch_size, self.seed, self.chunk_tokens = batch_size, seed, chunk_tokens
@@ -163,9 +131,9 @@ class MixingStream:
         rows_t = torch.from_numpy(buf)
         filled, kept = 0, []  # rows of buf in use, and which of them are trained on
         for i, c in enumerate(my_chunks):
-            _, roles, first = _read(self.acts, c, out=buf[filled:])
-            kept.append(filled + np.flatnonzero(selected(roles, first, self.selection)))
-            filled += len(roles)
+            _, info = _read(self.acts, c, self.selection, out=buf[filled:])
+            kept.append(filled + np.flatnonzero(self.selection.mask(info)))
+            filled += len(info.roles)
             last = i == len(my_chunks) - 1
             if filled - self.batch_size >= self.buffer_tokens or last:
                 kept = np.concatenate(kept)
@@ -210,11 +178,11 @@ def _prefetch(iterator, depth: int = 16):
         stop.set()
 
 
-def eval_batches(acts: Activations, example_ids: np.ndarray, selection: str, chunk_tokens: int = 1 << 13):
-    """(rows, trained-on mask, roles, is-first) of the given examples chunk by chunk, in file order."""
+def eval_batches(acts: Activations, example_ids: np.ndarray, selection: TokenSelection, chunk_tokens: int = 1 << 13):
+    """(rows, selected mask, what each row is (Rows)) of the given examples chunk by chunk, in file order."""
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
-        rows, roles, first = _read(acts, c)
-        yield torch.from_numpy(rows).float(), torch.from_numpy(selected(roles, first, selection)), roles, first
+        rows, info = _read(acts, c, selection)
+        yield torch.from_numpy(rows).float(), torch.from_numpy(selection.mask(info)), info
 
 
 class ReconStats:

@@ -59,7 +59,7 @@ def write_jsonl(path, records):
 
 def tiny_records(n: int = 24):
     labels = ["reconsidering", "noticing", "reframing"]
-    records = [{"text": " ".join(TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)),
+    records = [{"text": f"Day {i}. " + " ".join(TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)),
                 "primary_cognitive_action": labels[i % 3]} for i in range(n)]
     records[-1] = {"messages": [{"role": "system", "content": "Answer briefly."},
                                 {"role": "user", "content": TEXTS[0]},

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import signal
 import subprocess
@@ -16,7 +17,8 @@ from conftest import ROOT, make_activations, run_script
 from sae import lm
 from sae.activations import open_activations
 from sae.checkpoint import load_checkpoint
-from sae.features import auroc, example_maxima, mark_peak
+from sae.features import auroc, example_features, mark_peak
+from sae.selection import TokenSelection
 from sae.llm import cache_key
 
 DESCRIPTION = "a person reflecting on a decision"
@@ -104,13 +106,19 @@ def interpret(tmp_path, trained, *args, env=None, check=True):
 
 
 def test_offline_run_writes_csv_and_report(tmp_path, trained):
-    proc = interpret(tmp_path, trained)
-    assert proc.stdout.count("rerun to describe features") == 1, "the offline note is printed once"
+    proc = interpret(tmp_path, trained, "--select_by=prevalence")
+    assert proc.stdout.count("rerun for LLM descriptions") == 1, "the offline note is printed once"
     df = pd.read_csv(tmp_path / "interpretations.csv")
-    assert list(df.columns[:10]) == ["neuron_idx", "prevalence", "mean_activation", "interpretation", "f1",
-                                     "precision", "recall", "top_label", "top_label_auroc", "top_tokens"]
+    assert list(df.columns[:13]) == ["neuron_idx", "kind", "prevalence", "mean_activation", "template_share",
+                                     "interpretation", "source", "f1", "precision", "recall", "top_label",
+                                     "top_label_auroc", "top_tokens"]
     assert len(df) == 3 and list(df.prevalence) == sorted(df.prevalence, reverse=True)
-    assert df.interpretation.str.startswith("not generated").all() and df.f1.isna().all()
+    assert (df.kind == "content").all() and (df.source == "data").all() and df.f1.isna().all()
+    assert df.interpretation.str.startswith("From the data: ").all() and not df.interpretation.str.contains(
+        "not generated").any()
+    table = proc.stdout[proc.stdout.index("Selected features (3 of 16"):].splitlines()[1:]
+    assert [int(line.split()[1]) for line in table] == list(df.neuron_idx), "the console ends with the table"
+    assert all(f"({100 * p:5.1f}% active): " in line for line, p in zip(table, df.prevalence))
     assert df.top_example_1.str.contains("«").all()
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") >= 3 and "http://" not in html and "https://" not in html
@@ -172,20 +180,28 @@ def test_unreachable_server_writes_offline_outputs_and_fails(tmp_path, trained):
     assert (tmp_path / "interpretations.csv").exists() and (tmp_path / "report.html").exists()
 
 
-def test_example_maxima_and_peaks_match_brute_force(trained):
+@pytest.mark.parametrize("tokens", ["trained", "content"])
+def test_example_maxima_and_peaks_match_brute_force(trained, tokens):
     acts_path, ckpt_path, _ = trained
     acts = open_activations(acts_path)
     sae, _ = load_checkpoint(ckpt_path)
-    max_NM, peak_NM = example_maxima(sae, acts, "no_first", chunk_tokens=50)  # many small chunks
+    ex = example_features(sae, acts, TokenSelection(acts, "no_first"), tokens, chunk_tokens=50)  # many small chunks
+    ids = [np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]).tolist() for i in range(acts.n_examples)]
     for i in range(acts.n_examples):
         x = torch.from_numpy(np.asarray(acts.example(i), dtype=np.float32))
         with torch.no_grad():
             codes = sae.encode(x).numpy()
-        codes[0] = 0  # the first token is left out, as in training
-        np.testing.assert_allclose(max_NM[i], codes.max(0), rtol=1e-5, atol=1e-6)
+        roles = np.asarray(acts.token_role[acts.offsets[i]:acts.offsets[i + 1]])
+        shared = max(next((p for p, (a, b) in enumerate(zip(ids[i], ids[j])) if a != b), min(len(ids[i]), len(ids[j])))
+                     for j in range(acts.n_examples) if j != i)  # the longest prefix another example starts with
+        read = np.arange(len(roles)) > 0 if tokens == "trained" else (roles >= 2) & (np.arange(len(roles)) >= shared)
+        codes[~read] = 0
+        np.testing.assert_allclose(ex.max_NM[i], codes.max(0), rtol=1e-5, atol=1e-6)
         fired = codes.max(0) > 0
-        np.testing.assert_array_equal(peak_NM[i][fired], codes.argmax(0)[fired])
-        assert (peak_NM[i][~fired] == -1).all()
+        np.testing.assert_array_equal(ex.peak_NM[i][fired], codes.argmax(0)[fired])
+        assert (ex.peak_NM[i][~fired] == -1).all()
+        if read.any():
+            np.testing.assert_allclose(ex.mean_ND[i], x.numpy()[read].mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_auroc_matches_hand_computation():
@@ -250,3 +266,26 @@ def _other_dataset(tmp_path, trained):
 def test_bad_inputs(tmp_path, trained, make_args, expected):
     proc = interpret(tmp_path, trained, *make_args(tmp_path, trained), check=False)
     assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_default_interpretation_of_the_sample_selects_no_template_feature(tiny_model, tmp_path):
+    from conftest import write_jsonl
+    with open(os.path.join(ROOT, "data", "cognitive_actions_sample.jsonl"), encoding="utf-8") as f:
+        dataset = write_jsonl(tmp_path / "sample.jsonl", f.read().splitlines()[:150])
+    run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}",
+               f"--output_dir={tmp_path / 'acts'}", "--layer_idx=2")
+    acts = str(tmp_path / "acts" / "activations_layer2.npz")
+    run_script("train_sae.py", f"--activations_path={acts}", "--m=32", "--k=4", "--n_epochs=3", "--batch_size=256",
+               "--eval_lm=False", "--export_saelens=False", "--run_name=s", cwd=tmp_path)
+    args = [f"--activations_path={acts}", f"--dataset_path={dataset}", "--n_top_neurons=10",
+            f"--sae_checkpoint={tmp_path / 'checkpoints' / 's' / 'SAE_M=32_K=4.pt'}"]
+    proc = run_script("interpret_sae.py", *args, cwd=tmp_path, env=offline_env())
+    df = pd.read_csv(tmp_path / "interpretations.csv")
+    assert len(df) == 10 and (df.kind == "content").all() and (df.template_share < 0.5).all()
+    assert "content features by label association" in proc.stdout
+    # a lower bar makes some features template ones (a random tiny model has few): none of them is selected
+    run_script("interpret_sae.py", *args, "--template_share=0.02", cwd=tmp_path, env=offline_env())
+    df = pd.read_csv(tmp_path / "interpretations.csv")
+    html = (tmp_path / "report.html").read_text()
+    listed = {int(x) for x in re.findall(r"<tr><td>(\d+)</td>", html[html.index("<h2>Template features"):])}
+    assert listed and not listed & set(df.neuron_idx) and (df.template_share < 0.02).all()

@@ -61,11 +61,14 @@ def test_train_reports_lm_eval_and_token_kinds_that_add_up(tiny_model, tmp_path)
     assert "ΔLM loss" in proc.stdout and "loss recovered" in proc.stdout and "first" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "cognitive_actions" / "SAE_M=16_K=4.pt", weights_only=True)
     lm_eval, kinds = ckpt["metrics"]["lm_eval"], ckpt["metrics"]["by_token_kind"]
-    assert lm_eval["examples"] == 2 and lm_eval["ce_sae"] > 0 and "no_first" in lm_eval["replaced"]
-    used = [k for k in kinds.values() if k["tokens"]]
+    assert lm_eval["examples"] == 2 and lm_eval["ce_sae"] > 0 and "distinct" in lm_eval["replaced"]
+    # the default selection trains on each distinct position once; the kinds count each position once too, so
+    # the kinds but "first" are exactly the trained-on validation tokens
+    used = [k for name, k in kinds.items() if k["tokens"] and name != "first"]
     n = sum(k["tokens"] for k in used)
-    kept, left = ckpt["metrics"], ckpt["metrics"]["left_out"]
-    overall_mse = (kept["val_mse"] * ckpt["provenance"]["n_val_tokens"] + left["mse"] * left["tokens"]) / n
-    assert sum(k["mse"] * k["tokens"] for k in used) / n == pytest.approx(overall_mse, rel=1e-5)
+    assert n == ckpt["provenance"]["n_val_tokens"]
+    assert sum(k["mse"] * k["tokens"] for k in used) / n == pytest.approx(ckpt["metrics"]["val_mse"], rel=1e-5)
     assert sum(k["l0"] * k["tokens"] for k in used) / n == pytest.approx(4)
-    assert kinds["first"]["tokens"] == ckpt["provenance"]["n_val_examples"]
+    assert kinds["first"]["tokens"] == 1, "every example starts with the same token: one distinct first position"
+    content = ckpt["metrics"]["content"]
+    assert 0 < content["tokens"] < n and ckpt["metrics"]["val_nmse_content"] == content["nmse"]

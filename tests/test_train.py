@@ -12,6 +12,7 @@ import torch
 
 from conftest import ROOT, make_activations, run_script
 from sae.checkpoint import load_checkpoint
+from sae.selection import TokenSelection
 from sae.stream import MixingStream, split_examples
 from sae.activations import open_activations
 
@@ -31,12 +32,12 @@ def test_train_prints_metrics_and_writes_loadable_checkpoint(tmp_path, acts_path
     proc = train(tmp_path, acts_path, "--n_epochs=4", "--run_name=t")
     out = proc.stdout
     for line in ("Train: ", "Epoch 1/4: train_loss=", "Epoch 4/4:", "Val MSE: ", "Active features/token: 4.00",
-                 "Dead neurons: ", "Matryoshka prefixes: first 4: normalized MSE", "Left-out tokens (no_first): "):
+                 "Dead neurons: ", "Matryoshka prefixes: first 4: normalized MSE", "Left-out tokens (distinct): "):
         assert line in out, line
     path = tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt"
     ckpt = torch.load(path, weights_only=True)
     assert "resume" not in ckpt and ckpt["epoch"] == 4 and ckpt["config"]["M"] == 16
-    assert ckpt["provenance"]["activations_sha256"] and ckpt["provenance"]["train_tokens"] == "no_first"
+    assert ckpt["provenance"]["activations_sha256"] and ckpt["provenance"]["train_tokens"] == "distinct"
     assert "steps_since_fired" in ckpt["state_dict"] and "scale" in ckpt["state_dict"]
     history = ckpt["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"], "the loss should fall"
@@ -56,7 +57,7 @@ def test_split_is_by_example_and_stratified(acts_path):
     labels, counts = np.unique(acts.labels[val_ids], return_counts=True)
     assert len(labels) == 4 and (counts == 3).all()
     # the stream only yields rows of training examples, each once per epoch, without first tokens
-    stream = MixingStream(acts, train_ids, "no_first", 7, seed=0)
+    stream = MixingStream(acts, train_ids, TokenSelection(acts, "no_first"), 7, seed=0)
     rows = torch.cat(list(stream.epoch(0)))
     expected = np.concatenate([np.asarray(acts.example(i))[1:] for i in train_ids]).astype(np.float32)
     assert sorted(map(tuple, rows.numpy().tolist())) == sorted(map(tuple, expected.tolist()))

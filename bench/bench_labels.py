@@ -1,0 +1,131 @@
+"""What the features say about the labels: train_sae.py against HypotheSAEs on the same real activations.
+
+Extracts the real development texts (../shared/data/cognitive_actions_real_dev.jsonl: 450 texts, 10 per
+label) with the default model, trains our SAE with the default settings (LM evaluation off), then
+HypotheSAEs' SparseAutoencoder.fit with the same M, K, Matryoshka prefixes, batch size, learning rate and
+number of epochs on the same training examples (every token but the attention sinks, as its users feed
+it). Both are then measured by the same functions on the same examples:
+- labels covered: how many labels are some feature's own best label at AUROC >= 0.8 (per-example maxima
+  over content tokens, all examples);
+- the linear probe on those maxima, on the validation examples, beside the probe on mean-pooled raw
+  activations;
+- the normalized MSE on the validation examples' content tokens.
+
+    python bench/bench_labels.py                  # work files under $TMPDIR/bench_labels
+    python bench/bench_labels.py --dataset=path/to/other.jsonl
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from sae.activations import open_activations  # noqa: E402
+from sae.checkpoint import load_checkpoint  # noqa: E402
+from sae.data import sha256_file  # noqa: E402
+from sae.features import auroc, example_features, labels_covered  # noqa: E402
+from sae.probe import probe_accuracy  # noqa: E402
+from sae.selection import TokenSelection  # noqa: E402
+from sae.stream import eval_batches, split_examples  # noqa: E402
+
+DATASET = os.path.join(ROOT, "..", "shared", "data", "cognitive_actions_real_dev.jsonl")
+M, K, PREFIXES, BATCH, LR, SEED, VAL_FRACTION = 256, 8, [64, 256], 512, 5e-4, 0, 0.1
+
+
+def run(script, *args, cwd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+    if proc.returncode:
+        sys.exit(f"{script} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+class Theirs:
+    """HypotheSAEs' model seen through the two things our measures call: m and encode_sparse."""
+
+    def __init__(self, model):
+        self.model, self.m = model, model.m_total_neurons
+
+    @torch.no_grad()
+    def encode_sparse(self, x):
+        _, info = self.model(x)
+        vals, idx = info["activations"].topk(self.model.k_active_neurons, dim=-1)
+        return idx, vals
+
+
+def load_hypothesaes():
+    spec = importlib.util.find_spec("hypothesaes")
+    if spec is None:
+        sys.exit("HypotheSAEs is not installed: pip install --no-deps hypothesaes")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "sae.py")
+    module_spec = importlib.util.spec_from_file_location("hypothesaes_sae", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def measure(sae, recon, acts, train_ids, val_ids):
+    ex = example_features(sae, acts, TokenSelection(acts, "distinct"), "content")
+    auroc_LM, names = auroc(ex.max_NM, acts.labels)
+    y = acts.labels
+    probe = probe_accuracy(ex.max_NM[train_ids], y[train_ids], ex.max_NM[val_ids], y[val_ids])["accuracy"]
+    content = TokenSelection(acts, "content", [val_ids])
+    x = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, content)])
+    with torch.no_grad():
+        err = (x.double() - recon(x).double()).pow(2).sum()
+    nmse = float(err / (x.double() - x.double().mean(0)).pow(2).sum())
+    return {"covered": len(labels_covered(auroc_LM, names)), "n_labels": len(names), "probe": probe,
+            "mean_best_auroc": float(np.nan_to_num(np.nanmax(auroc_LM, 0), nan=0.5).mean()), "content_nmse": nmse,
+            "ex": ex}
+
+
+def main():
+    dataset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dataset=")), DATASET)
+    work = os.path.join(tempfile.gettempdir(), "bench_labels")
+    os.makedirs(work, exist_ok=True)
+    acts_path = os.path.join(work, "activations", "activations_layer12.npz")
+    if not os.path.isfile(acts_path) or open_activations(acts_path).meta.get("dataset_sha256") != sha256_file(dataset):
+        run("extract_activations.py", f"--dataset_path={os.path.abspath(dataset)}", cwd=work)
+    run("train_sae.py", f"--activations_path={acts_path}", "--run_name=bench_labels", "--eval_lm=False",
+        "--export_saelens=False", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}", f"--seed={SEED}",
+        cwd=work)
+    ckpt_dir = os.path.join(work, "checkpoints", "bench_labels")
+    with open(os.path.join(ckpt_dir, "metrics.json")) as f:
+        epochs = json.load(f)["epochs"]
+    ours, _ = load_checkpoint(os.path.join(ckpt_dir, f"SAE_M={M}_K={K}.pt"))
+
+    acts = open_activations(acts_path)
+    train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, SEED)
+    no_first = TokenSelection(acts, "no_first")
+    x_train = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, train_ids, no_first)])
+    x_val = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, no_first)])
+    torch.manual_seed(SEED)
+    hs = load_hypothesaes()
+    model = hs.SparseAutoencoder(acts.d, M, K, prefix_lengths=PREFIXES, device="cpu")
+    model.fit(x_train, x_val, batch_size=BATCH, learning_rate=LR, n_epochs=epochs, patience=epochs + 1,
+              show_progress=False)
+    model.eval()
+
+    a = measure(ours, ours, acts, train_ids, val_ids)
+    b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids)
+    raw = probe_accuracy(a["ex"].mean_ND[train_ids], acts.labels[train_ids], a["ex"].mean_ND[val_ids],
+                         acts.labels[val_ids])["accuracy"]
+    print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens, {a['n_labels']} labels); "
+          f"M={M} K={K} prefixes={PREFIXES} epochs={epochs} (ours, early stopping; theirs the same count)")
+    for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
+        print(f"{name:<13} labels covered (own best label, AUROC >= 0.8): {r['covered']:>2} of {r['n_labels']}; "
+              f"mean best AUROC {r['mean_best_auroc']:.3f}; probe on {len(val_ids)} validation examples "
+              f"{100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of the raw probe); content normalized MSE "
+              f"{r['content_nmse']:.4f}")
+    print(f"raw mean-pooled activations: probe {100 * raw:.1f}%")
+    print(f"labels covered, ours - theirs: {a['covered'] - b['covered']:+d}")
+
+
+if __name__ == "__main__":
+    main()
