@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sae import dist
 from sae.activations import StreamingNpzWriter, open_activations
 from sae.config import configure, fail
+from sae.files import activations_path, write_text_atomic
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 from sae import lm
 
@@ -130,7 +131,7 @@ print(f"Truncated to MAX_LENGTH={MAX_LENGTH}: {n_cut_examples} examples ({n_cut_
 # ---- this process's share: all examples, or under torchrun a contiguous range balanced by token count
 rank, world = dist.rank(), dist.world()
 first, last = dist.share_by_tokens(offsets, world)[rank:rank + 2] if world > 1 else (0, n_examples)
-out_paths = {L: os.path.join(OUTPUT_DIR, f"activations_layer{L}.npz") for L in layers}
+out_paths = {L: activations_path(OUTPUT_DIR, L) for L in layers}
 
 
 def share_path(layer, r):
@@ -186,9 +187,7 @@ if progress != "finished":
     def save_progress(examples_done):
         state = {"fingerprint": fingerprint, "examples_done": examples_done,
                  "writers": {str(L): w.state() for L, w in writers.items()}}
-        with open(progress_path + ".tmp", "w") as f:
-            json.dump(state, f)
-        os.replace(progress_path + ".tmp", progress_path)
+        write_text_atomic(progress_path, json.dumps(state))
 
     if not progress:
         save_progress(first)

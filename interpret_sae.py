@@ -33,6 +33,7 @@ from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from sae.config import configure, fail
 from sae.data import sha256_file
+from sae.files import write_atomic, write_text_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import CachedChat
@@ -273,8 +274,7 @@ for f in selected:
     for j in range(5):
         row[f"top_example_{j + 1}"] = d["shown"][j] if j < len(d["shown"]) else ""
     rows.append(row)
-pd.DataFrame(rows, columns=columns).to_csv(OUTPUT_CSV + ".tmp", index=False)
-os.replace(OUTPUT_CSV + ".tmp", OUTPUT_CSV)
+write_atomic(OUTPUT_CSV, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
 
 
 def token_text(token_id):
@@ -310,9 +310,7 @@ html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M
               record={"config": config, "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
                       "llm": chat.url if chat else None, "n_described": n_described,
                       "n_selected": len(selected)})
-with open(REPORT_HTML + ".tmp", "w", encoding="utf-8") as f:
-    f.write(html)
-os.replace(REPORT_HTML + ".tmp", REPORT_HTML)
+write_text_atomic(REPORT_HTML, html)
 print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described by an LLM) and {REPORT_HTML}; "
       f"{len(template_rows)} template features are listed apart in the report")
 

@@ -23,6 +23,7 @@ import numpy as np
 from sae.checkpoint import checkpoint_path
 from sae.config import fail, parse_value, script_knobs
 from sae.data import sha256_file
+from sae.files import activations_path
 from sae.report import read_record
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +76,7 @@ layer = config["extract"]["LAYER_IDX"]
 if not isinstance(layer, int):
     fail(f"--layer_idx={layer} must be one layer for the pipeline; extract several with extract_activations.py")
 dataset = config["extract"]["DATASET_PATH"]
-acts_path = os.path.join(config["extract"]["OUTPUT_DIR"], f"activations_layer{layer}.npz")
+acts_path = activations_path(config["extract"]["OUTPUT_DIR"], layer)
 ckpt_path = checkpoint_path(config["train"]["RUN_NAME"], config["train"]["M"], config["train"]["K"])
 for step, explicit in (("train", {"ACTIVATIONS_PATH": acts_path}),
                        ("interpret", {"ACTIVATIONS_PATH": acts_path, "SAE_CHECKPOINT": ckpt_path,

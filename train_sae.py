@@ -27,6 +27,7 @@ from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
+from sae.files import write_text_atomic
 from sae.features import auroc, example_features, labels_covered
 from sae.probe import probe_accuracy
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
@@ -377,9 +378,7 @@ if EVAL_LM:
 
 checkpoint(len(history), finished=True, metrics=metrics)
 metrics_path = os.path.join(os.path.dirname(path), "metrics.json")
-with open(metrics_path + ".tmp", "w") as f:
-    json.dump({"checkpoint": path, **metrics, "history": history}, f, indent=2)
-os.replace(metrics_path + ".tmp", metrics_path)
+write_text_atomic(metrics_path, json.dumps({"checkpoint": path, **metrics, "history": history}, indent=2))
 print(f"Saved {path} and {metrics_path}")
 
 if EXPORT_SAELENS:

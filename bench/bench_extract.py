@@ -23,6 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from sae import lm  # noqa: E402
+from sae.files import activations_path  # noqa: E402
 from sae.activations import open_activations  # noqa: E402
 
 N_EXAMPLES, LAYER = 200, 12
@@ -74,7 +75,7 @@ def main():
     ours_rate = float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
     seconds_2, plain_2 = plain_loop(model, tok, records[N_EXAMPLES // 2:])
 
-    ours = open_activations(os.path.join(tmp, "ours", f"activations_layer{LAYER}.npz"))
+    ours = open_activations(activations_path(os.path.join(tmp, "ours"), LAYER))
     n_tok, max_abs, max_rel = 0, 0.0, 0.0
     for i, (ids, plain) in enumerate(plain_1 + plain_2):
         np.testing.assert_array_equal(ours.token_ids[ours.offsets[i]:ours.offsets[i + 1]], ids)

@@ -11,8 +11,11 @@ it). Both are then measured by the same functions on the same examples:
   activations;
 - the normalized MSE on the validation examples' content tokens.
 
-    python bench/bench_labels.py                  # work files under $TMPDIR/bench_labels
-    python bench/bench_labels.py --dataset=path/to/other.jsonl
+    python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
+    python bench/bench_labels.py --seeds=0 --dataset=path/to/other.jsonl
+
+One split of 45 validation examples for 45 labels makes one run's figures noisy (the label count moves
+by ±3 and the probe ratio by ±0.3 between seeds), hence several seeds and their means.
 """
 import importlib.util
 import json
@@ -85,46 +88,60 @@ def measure(sae, recon, acts, train_ids, val_ids):
             "ex": ex}
 
 
-def main():
-    dataset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dataset=")), DATASET)
-    work = os.path.join(tempfile.gettempdir(), "bench_labels")
-    os.makedirs(work, exist_ok=True)
-    acts_path = os.path.join(work, "activations", "activations_layer12.npz")
-    if not os.path.isfile(acts_path) or open_activations(acts_path).meta.get("dataset_sha256") != sha256_file(dataset):
-        run("extract_activations.py", f"--dataset_path={os.path.abspath(dataset)}", cwd=work)
-    run("train_sae.py", f"--activations_path={acts_path}", "--run_name=bench_labels", "--eval_lm=False",
-        "--export_saelens=False", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}", f"--seed={SEED}",
+def one_seed(acts_path, work, seed):
+    """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations)."""
+    run("train_sae.py", f"--activations_path={acts_path}", f"--run_name=bench_labels_{seed}", "--eval_lm=False",
+        "--export_saelens=False", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}", f"--seed={seed}",
         cwd=work)
-    ckpt_dir = os.path.join(work, "checkpoints", "bench_labels")
+    ckpt_dir = os.path.join(work, "checkpoints", f"bench_labels_{seed}")
     with open(os.path.join(ckpt_dir, "metrics.json")) as f:
         epochs = json.load(f)["epochs"]
     ours, _ = load_checkpoint(os.path.join(ckpt_dir, f"SAE_M={M}_K={K}.pt"))
 
     acts = open_activations(acts_path)
-    train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, SEED)
+    train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, seed)
     no_first = TokenSelection(acts, "no_first")
     x_train = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, train_ids, no_first)])
     x_val = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, no_first)])
-    torch.manual_seed(SEED)
-    hs = load_hypothesaes()
-    model = hs.SparseAutoencoder(acts.d, M, K, prefix_lengths=PREFIXES, device="cpu")
+    torch.manual_seed(seed)
+    model = load_hypothesaes().SparseAutoencoder(acts.d, M, K, prefix_lengths=PREFIXES, device="cpu")
     model.fit(x_train, x_val, batch_size=BATCH, learning_rate=LR, n_epochs=epochs, patience=epochs + 1,
               show_progress=False)
     model.eval()
-
     a = measure(ours, ours, acts, train_ids, val_ids)
     b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids)
     raw = probe_accuracy(a["ex"].mean_ND[train_ids], acts.labels[train_ids], a["ex"].mean_ND[val_ids],
                          acts.labels[val_ids])["accuracy"]
-    print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens, {a['n_labels']} labels); "
-          f"M={M} K={K} prefixes={PREFIXES} epochs={epochs} (ours, early stopping; theirs the same count)")
+    print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), {len(val_ids)} validation "
+          f"examples, raw probe {100 * raw:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
-        print(f"{name:<13} labels covered (own best label, AUROC >= 0.8): {r['covered']:>2} of {r['n_labels']}; "
-              f"mean best AUROC {r['mean_best_auroc']:.3f}; probe on {len(val_ids)} validation examples "
-              f"{100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of the raw probe); content normalized MSE "
-              f"{r['content_nmse']:.4f}")
-    print(f"raw mean-pooled activations: probe {100 * raw:.1f}%")
-    print(f"labels covered, ours - theirs: {a['covered'] - b['covered']:+d}")
+        print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']}; mean best AUROC "
+              f"{r['mean_best_auroc']:.3f}; probe {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw); content "
+              f"normalized MSE {r['content_nmse']:.4f}", flush=True)
+    return a, b, raw
+
+
+def main():
+    dataset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dataset=")), DATASET)
+    seeds = [int(v) for v in next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--seeds=")), "0,1,2").split(",")]
+    work = os.path.join(tempfile.gettempdir(), "bench_labels")
+    os.makedirs(work, exist_ok=True)
+    acts_path = os.path.join(work, "activations", "activations_layer12.npz")
+    if not os.path.isfile(acts_path) or open_activations(acts_path).meta.get("dataset_sha256") != sha256_file(dataset):
+        run("extract_activations.py", f"--dataset_path={os.path.abspath(dataset)}", cwd=work)
+    acts = open_activations(acts_path)
+    print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens); M={M} K={K} prefixes={PREFIXES}; "
+          f"seeds {seeds} (each: the split and both initialisations)", flush=True)
+    results = [one_seed(acts_path, work, seed) for seed in seeds]
+    ours, theirs, raws = zip(*results)
+    for name, rs in (("train_sae.py", ours), ("HypotheSAEs", theirs)):
+        covered = [r["covered"] for r in rs]
+        ratio = [r["probe"] / raw for r, raw in zip(rs, raws)]
+        print(f"{name:<13} mean over seeds: labels covered {np.mean(covered):.1f} (runs {covered}); probe "
+              f"{np.mean(ratio):.2f} of raw (runs {[round(v, 2) for v in ratio]}); content normalized MSE "
+              f"{np.mean([r['content_nmse'] for r in rs]):.4f}")
+    print(f"labels covered, ours - theirs (mean over seeds): "
+          f"{np.mean([r['covered'] for r in ours]) - np.mean([r['covered'] for r in theirs]):+.1f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from .files import write_atomic
 from .model import SparseAutoencoder
 
 FORMAT = "sae-pipeline-checkpoint-1"
@@ -20,14 +21,7 @@ def checkpoint_path(run_name: str, m: int, k: int, root: str = "checkpoints") ->
 
 def save_atomic(obj, path: str):
     """torch.save to a temporary name in the same folder, then rename: never a half-written file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 class CheckpointError(Exception):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-L2_GRID = (1e-3, 1e-2, 1e-1)
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def _fit(z_NF: torch.Tensor, y_N: torch.Tensor, n_classes: int, l2: float, max_iter: int = 100):

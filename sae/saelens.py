@@ -10,6 +10,8 @@ import os
 
 from safetensors.torch import save_file
 
+from .files import write_atomic, write_text_atomic
+
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written here
 
 
@@ -30,10 +32,7 @@ def export_saelens(sae, folder: str, meta: dict) -> str:
            "metadata": {"sae_lens_version": SAELENS_VERSION, "model_name": meta.get("model"),
                         "hook_name": meta.get("hook"), "hook_head_index": None, "prepend_bos": False,
                         "context_size": meta.get("max_length"), "dataset_path": meta.get("dataset_path")}}
-    weights = os.path.join(folder, "sae_weights.safetensors")
-    save_file(saelens_state_dict(sae), weights + ".tmp")
-    os.replace(weights + ".tmp", weights)
-    with open(os.path.join(folder, "cfg.json.tmp"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(os.path.join(folder, "cfg.json.tmp"), os.path.join(folder, "cfg.json"))
+    weights = saelens_state_dict(sae)
+    write_atomic(os.path.join(folder, "sae_weights.safetensors"), lambda tmp: save_file(weights, tmp))
+    write_text_atomic(os.path.join(folder, "cfg.json"), json.dumps(cfg, indent=2))
     return folder

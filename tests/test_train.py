@@ -48,6 +48,10 @@ def test_train_prints_metrics_and_writes_loadable_checkpoint(tmp_path, acts_path
     sae, _ = load_checkpoint(str(path))
     assert sae.prefixes == [4, 16] and sae.k == 4
     assert (path.parent / "saelens_M=16_K=4" / "cfg.json").exists()
+    outputs = [path, path.parent / "metrics.json", path.parent / "saelens_M=16_K=4" / "cfg.json",
+               path.parent / "saelens_M=16_K=4" / "sae_weights.safetensors"]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in outputs}
+    assert len(set(modes.values())) == 1, f"every output follows the umask: {modes}"
 
 
 def test_split_is_by_example_and_stratified(acts_path):

@@ -1,0 +1,39 @@
+"""Where outputs go and how they are written: one naming rule for activation files, and one atomic write.
+
+Every output is written under a temporary name in its own folder and then renamed, so a finished-looking
+file is always complete; the temporary file is removed when writing fails. Outputs get the permissions
+the umask gives a new file, whatever the library that wrote them chose.
+"""
+import os
+
+
+def activations_path(output_dir: str, layer: int) -> str:
+    """The one naming rule for extracted activations: OUTPUT_DIR/activations_layer{L}.npz."""
+    return os.path.join(output_dir, f"activations_layer{layer}.npz")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str, write) -> str:
+    """Call write(temporary_path), then rename it to `path`; return `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_text_atomic(path: str, text: str) -> str:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return write_atomic(path, write)

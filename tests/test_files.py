@@ -1,0 +1,37 @@
+"""The one atomic write: the file appears whole or not at all, with the umask's permissions."""
+import os
+
+import pytest
+
+from sae.files import activations_path, write_atomic, write_text_atomic
+
+
+def test_write_text_atomic_replaces_whole_and_follows_the_umask(tmp_path):
+    path = tmp_path / "sub" / "out.txt"
+    write_text_atomic(str(path), "old")
+    write_text_atomic(str(path), "new")
+    assert path.read_text() == "new" and os.listdir(path.parent) == ["out.txt"]
+    old = os.umask(0o077)
+    try:
+        write_atomic(str(path), lambda tmp: os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o644)))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "out.txt"
+    write_text_atomic(str(path), "finished")
+
+    def fails(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomic(str(path), fails)
+    assert path.read_text() == "finished" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_activations_path_is_the_one_naming_rule():
+    assert activations_path("acts", 12) == os.path.join("acts", "activations_layer12.npz")
