@@ -36,7 +36,7 @@ from sae.data import sha256_file
 from sae.files import write_atomic, write_text_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
-from sae.llm import CachedChat
+from sae.llm import AuthenticationFailed, CachedChat
 from sae.report import render
 from sae.selection import TokenSelection
 
@@ -107,6 +107,13 @@ elif SELECT_BY not in ("auto", "prevalence", "label_auroc"):
     fail(f"SELECT_BY={SELECT_BY!r} must be 'auto', 'prevalence', 'label_auroc' or a list of feature indices")
 if SELECT_BY == "label_auroc" and acts.labels is None:
     fail(f"SELECT_BY='label_auroc' needs labels, but {ACTIVATIONS_PATH} has none; use 'prevalence'")
+for name, value, low in (("N_TOP_NEURONS", N_TOP_NEURONS, 1), ("N_EXAMPLES", N_EXAMPLES, 1), ("CONTEXT_TOKENS", CONTEXT_TOKENS, 0),
+                         ("N_SCORE_EXAMPLES", N_SCORE_EXAMPLES, 0), ("MAX_RETRIES", MAX_RETRIES, 0),
+                         ("RETRY_BASE_S", RETRY_BASE_S, 0), ("N_WORKERS", N_WORKERS, 1)):
+    if value < low:
+        fail(f"{name}={value} must be at least {low}")
+if TIMEOUT_S <= 0:
+    fail(f"TIMEOUT_S={TIMEOUT_S} must be positive (seconds per request)")
 if INTERPRET_TOKENS not in ("content", "trained"):
     fail(f"INTERPRET_TOKENS={INTERPRET_TOKENS!r} must be 'content' or 'trained'")
 if not 0 < TEMPLATE_SHARE <= 1:
@@ -215,32 +222,35 @@ if api_key or base_url:
     chat = CachedChat(os.path.join(out_dir, "llm_cache.jsonl"), base_url, api_key, TIMEOUT_S, MAX_RETRIES,
                       RETRY_BASE_S)
     print(f"LLM: {OPENAI_MODEL} describes, {ANNOTATOR_MODEL} scores, at {chat.url}")
-    with ThreadPoolExecutor(N_WORKERS) as pool:
-        answers = dict(zip(selected, pool.map(
-            lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60), selected)))
-        for f, answer in answers.items():
-            if answer:
-                features[f].update(interpretation=answer, source="llm")
-            else:  # the data's description stays, and says so
-                features[f]["source"] = "data (the LLM gave no answer; see the log)"
-        if SCORE:
-            jobs = [(f, text, truth) for f in selected if answers[f]
-                    for texts, truth in ((features[f]["held_out"], True), (features[f]["held_silent"], False))
-                    for text in texts]
-            votes = list(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
-                                                       temperature=0.0, max_tokens=2), jobs))
-            for f in selected:
-                pairs = [(v.lower().startswith("yes"), truth) for (g, _, truth), v in zip(jobs, votes)
-                         if g == f and v is not None]
-                if not pairs:
-                    continue
-                tp = sum(p and t for p, t in pairs)
-                fp = sum(p and not t for p, t in pairs)
-                fn = sum(t and not p for p, t in pairs)
-                precision = tp / (tp + fp) if tp + fp else 0.0
-                recall = tp / (tp + fn) if tp + fn else 0.0
-                f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-                features[f].update(precision=precision, recall=recall, f1=f1)
+    try:  # descriptions of the selected features, then their scores on held-out examples
+        with ThreadPoolExecutor(N_WORKERS) as pool:
+            answers = dict(zip(selected, pool.map(
+                lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60), selected)))
+            for f, answer in answers.items():
+                if answer:
+                    features[f].update(interpretation=answer, source="llm")
+                else:  # the data's description stays, and says so
+                    features[f]["source"] = "data (the LLM gave no answer; see the log)"
+            if SCORE:
+                jobs = [(f, text, truth) for f in selected if answers[f]
+                        for texts, truth in ((features[f]["held_out"], True), (features[f]["held_silent"], False))
+                        for text in texts]
+                votes = list(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
+                                                           temperature=0.0, max_tokens=2), jobs))
+                for f in selected:
+                    pairs = [(v.lower().startswith("yes"), truth) for (g, _, truth), v in zip(jobs, votes)
+                             if g == f and v is not None]
+                    if not pairs:
+                        continue
+                    tp = sum(p and t for p, t in pairs)
+                    fp = sum(p and not t for p, t in pairs)
+                    fn = sum(t and not p for p, t in pairs)
+                    precision = tp / (tp + fp) if tp + fp else 0.0
+                    recall = tp / (tp + fn) if tp + fn else 0.0
+                    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+                    features[f].update(precision=precision, recall=recall, f1=f1)
+    except AuthenticationFailed as e:
+        fail(str(e))
     unreachable = chat.unreachable
     print(chat.summary())
 else:
@@ -319,7 +329,7 @@ print(f"\nSelected features ({len(selected)} of {sae.m}, {selected_by}; share of
       f"from {'the LLM' if n_described else 'the data'}):")
 for f in selected:
     text = features[f]["interpretation"]
-    text = text if len(text) <= 110 else text[:109] + "…"
+    text = text if len(text) <= 140 else text[:139] + "…"
     print(f"  Neuron {f:>5} ({100 * prevalence[f]:5.1f}% active): {text}")
 if unreachable:
     fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "

@@ -120,7 +120,8 @@ def up_to_date(step) -> str | None:
                        or os.environ.get("OPENAI_API_KEY"))
         if same(record.get("config"), wanted("interpret")) and record.get("checkpoint_sha256") == \
                 sha256_file(ckpt_path) and record.get("dataset_sha256") == sha256_file(dataset) and \
-                (record.get("llm") is not None) == llm_now:
+                (record.get("llm") is not None) == llm_now and \
+                (not llm_now or record.get("n_described") == record.get("n_selected")):  # finished its work
             return f"{csv} and {html} match the settings, the checkpoint and the LLM setup"
     return None
 

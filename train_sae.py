@@ -76,6 +76,9 @@ for name, value, low in (("N_EPOCHS", N_EPOCHS, 1), ("BATCH_SIZE", BATCH_SIZE, 1
                          ("DEAD_STEPS", DEAD_STEPS, 1)):
     if value < low:
         fail(f"{name}={value} must be at least {low}")
+for name, value in (("LR", LR), ("GRAD_CLIP", GRAD_CLIP)):
+    if not value > 0:
+        fail(f"{name}={value} must be positive (e.g. --lr=5e-4, --grad_clip=1.0)")
 if not 0 < VAL_FRACTION < 1:
     fail(f"VAL_FRACTION={VAL_FRACTION} must be between 0 and 1 (e.g. 0.1)")
 device = lm.pick_device(DEVICE)

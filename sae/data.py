@@ -68,7 +68,7 @@ def _records(path: str):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DatasetError(f"{path} line {line_no} is not valid JSON ({e.msg} at column {e.colno}); "
+                raise DatasetError(f"{path} line {line_no} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); "
                                    f"fix or remove that line") from None
             if not isinstance(record, dict):
                 raise DatasetError(f"{path} line {line_no} is a JSON {type(record).__name__}, not an object; "

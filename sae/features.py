@@ -203,7 +203,7 @@ def data_description(label: str | None, label_auroc: float | None, top_tokens: l
     """A feature described from the data alone: its best label, its peak tokens and one peak in context."""
     parts = []
     if label:
-        parts.append(f"most active on '{label}' examples (AUROC {label_auroc:.2f})")
+        parts.append(f"label '{label}' (AUROC {label_auroc:.2f})")
     if top_tokens:
         parts.append("peaks on " + ", ".join(repr(t) for t, _ in top_tokens[:3]))
     if example:

@@ -11,10 +11,19 @@ import os
 import random
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 
-class ServerUnreachable(Exception):
-    """No connection could be made to the server after all retries."""
+class AuthenticationFailed(Exception):
+    """The server refused the key (401/403): every further request would be refused too."""
+
+
+def redact(url: str) -> str:
+    """The URL without the user name and password it may carry (user:password@host)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def cache_key(model: str, messages: list[dict], params: dict) -> str:
@@ -23,7 +32,11 @@ def cache_key(model: str, messages: list[dict], params: dict) -> str:
 
 
 class CachedChat:
-    """`ask(model, messages, **params)` → answer text, or None when the request failed for good."""
+    """`ask(model, messages, **params)` → answer text, or None when the request failed for good.
+
+    Only usable answers (a non-empty text) are cached. Identical requests made at the same time are sent
+    once and share the answer. A malformed 200 response (not JSON, no choices) is retried like a 5xx.
+    A refused key raises AuthenticationFailed at once."""
 
     def __init__(self, cache_path: str, base_url: str | None, api_key: str | None, timeout: float = 60.0,
                  max_retries: int = 5, retry_base_s: float = 1.0):
@@ -31,10 +44,10 @@ class CachedChat:
         self.openai = openai
         self.client = openai.OpenAI(api_key=api_key or "not-needed", base_url=base_url, max_retries=0,
                                     timeout=timeout)
-        self.url = str(self.client.base_url)
+        self.url = redact(str(self.client.base_url))
         self.cache_path, self.max_retries, self.retry_base_s = cache_path, max_retries, retry_base_s
         self.lock = threading.Lock()
-        self.cache = {}
+        self.cache, self.in_flight = {}, {}  # in_flight: key → Event set when that request is settled
         if os.path.exists(cache_path):
             with open(cache_path, encoding="utf-8") as f:
                 for line in f:
@@ -45,24 +58,49 @@ class CachedChat:
                         pass  # a line cut short by a crash: that request is simply asked again
         self.requests = self.hits = self.failures = self.retries = 0
         self.prompt_tokens = self.completion_tokens = 0
-        self.unreachable = False
+        self.unreachable = self.refused = False
 
     def ask(self, model: str, messages: list[dict], **params) -> str | None:
         key = cache_key(model, messages, params)
-        with self.lock:
-            if key in self.cache:
-                self.hits += 1
-                return self.cache[key]["answer"]
-            if self.unreachable:
-                return None
+        while True:
+            with self.lock:
+                if key in self.cache:
+                    self.hits += 1
+                    return self.cache[key]["answer"]
+                if self.unreachable or self.refused:
+                    return None
+                waiting = self.in_flight.get(key)
+                if waiting is None:
+                    self.in_flight[key] = threading.Event()
+                    break
+            waiting.wait()  # the same request is under way: its answer (or failure) is ours too
+            with self.lock:
+                if key not in self.cache:
+                    return None
+        try:
+            return self._ask(key, model, messages, params)
+        finally:
+            with self.lock:
+                self.in_flight.pop(key).set()
+
+    def _ask(self, key: str, model: str, messages: list[dict], params: dict) -> str | None:
         retryable = (self.openai.RateLimitError, self.openai.APITimeoutError, self.openai.APIConnectionError,
-                     self.openai.InternalServerError)
+                     self.openai.InternalServerError, self.openai.APIResponseValidationError, json.JSONDecodeError,
+                     MalformedResponse)
         for attempt in range(self.max_retries + 1):
             try:
                 with self.lock:
                     self.requests += 1
                 response = self.client.chat.completions.create(model=model, messages=messages, **params)
+                answer = _answer_text(response)
                 break
+            except (self.openai.AuthenticationError, self.openai.PermissionDeniedError) as e:
+                with self.lock:
+                    self.failures += 1
+                    self.refused = True
+                raise AuthenticationFailed(
+                    f"the LLM server at {self.url} refused the API key ({e.status_code}); set OPENAI_API_KEY to a "
+                    f"valid key for that server (or unset it for a server that needs none) and rerun") from None
             except retryable as e:
                 if attempt == self.max_retries:
                     with self.lock:
@@ -78,7 +116,11 @@ class CachedChat:
                 with self.lock:
                     self.failures += 1
                 return None  # 4xx other than 429: asking again gives the same answer
-        answer = (response.choices[0].message.content or "").strip()
+        if not answer:  # not cached: a later run asks again
+            with self.lock:
+                self.failures += 1
+            print(f"LLM: {model} at {self.url} gave an empty answer; not cached, counted as failed", flush=True)
+            return None
         usage = response.usage
         entry = {"key": key, "model": model, "answer": answer,
                  "prompt_tokens": getattr(usage, "prompt_tokens", 0) or 0,
@@ -97,3 +139,15 @@ class CachedChat:
         return (f"LLM: {self.requests} requests made ({self.retries} retries, {self.failures} failed), "
                 f"{self.hits} answered from the cache, {self.prompt_tokens} prompt + "
                 f"{self.completion_tokens} completion tokens used")
+
+
+class MalformedResponse(Exception):
+    """A 200 response without a usable message."""
+
+
+def _answer_text(response) -> str:
+    """The first choice's text, stripped; MalformedResponse when the response has none."""
+    try:
+        return (response.choices[0].message.content or "").strip()
+    except (AttributeError, IndexError, TypeError) as e:
+        raise MalformedResponse(f"malformed response ({type(e).__name__})") from None

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
@@ -19,65 +18,7 @@ from sae.activations import open_activations
 from sae.checkpoint import load_checkpoint
 from sae.features import auroc, example_features, mark_peak
 from sae.selection import TokenSelection
-from sae.llm import cache_key
-
-DESCRIPTION = "a person reflecting on a decision"
-
-
-class FakeOpenAI:
-    """An OpenAI chat-completions server on 127.0.0.1 with scripted failures and a log of requests."""
-
-    def __init__(self, failures=(), delay=0.0):
-        self.failures, self.delay, self.log, self.lock = list(failures), delay, [], threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    status = fake.failures.pop(0) if fake.failures else 200
-                time.sleep(fake.delay)
-                user = body["messages"][-1]["content"]
-                answer = DESCRIPTION if "what property" in user else ("yes" if "«" not in user and
-                                                                      "I " in user else "no")
-                with fake.lock:
-                    fake.log.append((status, body))
-                if status != 200:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(json.dumps({"error": {"message": "scripted", "type": "x"}}).encode())
-                    return
-                payload = {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": answer}}],
-                           "usage": {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}}
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def statuses(self):
-        return [s for s, _ in self.log]
-
-    def keys(self, start=0):
-        """The cache keys (as the client computes them) of the requests from `start` on."""
-        return [cache_key(b["model"], b["messages"], {k: b[k] for k in ("temperature", "max_tokens")})
-                for _, b in self.log[start:]]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
+from fake_openai import DESCRIPTION, FakeOpenAI
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
@@ -262,6 +203,11 @@ def _other_dataset(tmp_path, trained):
     (_other_width, "was trained on 32-wide activations but"),
     (_other_dataset, "is not the dataset"),
     (lambda t, tr: ["--select_by=[1, 99]"], "features [99] that do not exist; indices must be in 0..15"),
+    (lambda t, tr: ["--n_top_neurons=-1"], "N_TOP_NEURONS=-1 must be at least 1"),
+    (lambda t, tr: ["--n_workers=0"], "N_WORKERS=0 must be at least 1"),
+    (lambda t, tr: ["--timeout_s=0"], "TIMEOUT_S=0.0 must be positive"),
+    (lambda t, tr: ["--interpret_tokens=everything"], "INTERPRET_TOKENS='everything' must be 'content' or 'trained'"),
+    (lambda t, tr: ["--template_share=1.5"], "TEMPLATE_SHARE=1.5 must be in (0, 1]"),
 ])
 def test_bad_inputs(tmp_path, trained, make_args, expected):
     proc = interpret(tmp_path, trained, *make_args(tmp_path, trained), check=False)
@@ -289,3 +235,17 @@ def test_default_interpretation_of_the_sample_selects_no_template_feature(tiny_m
     html = (tmp_path / "report.html").read_text()
     listed = {int(x) for x in re.findall(r"<tr><td>(\d+)</td>", html[html.index("<h2>Template features"):])}
     assert listed and not listed & set(df.neuron_idx) and (df.template_share < 0.02).all()
+
+
+def test_a_refused_key_ends_with_one_sentence_and_no_outputs(tmp_path, trained):
+    server = FakeOpenAI(failures=[401] * 100)
+    try:
+        env = dict(offline_env(), OPENAI_BASE_URL=server.url.replace("http://", "http://user:secret@"),
+                   OPENAI_API_KEY="sk-bad")
+        proc = interpret(tmp_path, trained, env=env, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "refused the API key (401); set OPENAI_API_KEY to a valid key" in proc.stderr
+        assert "secret" not in proc.stdout + proc.stderr, "credentials in the URL are never printed"
+        assert len(server.log) == 1 and not (tmp_path / "interpretations.csv").exists()
+    finally:
+        server.close()

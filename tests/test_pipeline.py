@@ -5,6 +5,7 @@ import pandas as pd
 import torch
 
 from conftest import run_script, tiny_records, write_jsonl
+from fake_openai import FakeOpenAI
 from sae.report import read_record
 
 
@@ -32,6 +33,19 @@ def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp
     assert third.stdout.count("up to date, skipped") == 1
     assert "==== train done" in third.stdout and "==== interpret done" in third.stdout
     assert (tmp_path / "checkpoints" / "t" / "SAE_M=16_K=2.pt").exists()
+
+    # the LLM server is down: interpretation fails; once it is up, the same command redoes interpretation
+    llm_args = [*args, "--k=2", "--max_retries=1", "--retry_base_s=0.01"]
+    down = run_script("run_pipeline.py", *llm_args, cwd=tmp_path, check=False,
+                      env=dict(env, OPENAI_BASE_URL="http://127.0.0.1:9/v1"))
+    assert down.returncode == 2 and "could not reach the LLM server" in down.stderr
+    server = FakeOpenAI()
+    try:
+        up = run_script("run_pipeline.py", *llm_args, cwd=tmp_path, env=dict(env, OPENAI_BASE_URL=server.url))
+        assert up.stdout.count("up to date, skipped") == 2 and "==== interpret done" in up.stdout
+        assert len(server.log) > 0 and "5 of 5 selected features described" in up.stdout
+    finally:
+        server.close()
 
 
 def test_pipeline_errors(tiny_model, tmp_path):

@@ -133,6 +133,8 @@ BAD = [
     (_truncated, [], "is truncated or corrupt"),
     (_foreign, [], "lacks activations, offsets"),
     (lambda t, a: a, ["--k=32"], "K=32 is larger than M=16"),
+    (lambda t, a: a, ["--lr=-1.0"], "LR=-1.0 must be positive"),
+    (lambda t, a: a, ["--grad_clip=0"], "GRAD_CLIP=0.0 must be positive"),
     (lambda t, a: a, ["--matryoshka_prefixes=[8, 4, 16]"], "must be strictly increasing"),
     (lambda t, a: a, ["--matryoshka_prefixes=[4, 8]"], "must end at M=16"),
     (lambda t, a: make_activations(t / "nan.npz", nan_example=7), [], "NaN or inf activations in example 7"),
