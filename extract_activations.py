@@ -54,9 +54,10 @@ WINDOW_TOKENS = 8 * BATCH_TOKENS  # examples are length-sorted within windows of
 #                                   are written (and resumable) in dataset order; memory is bounded by it
 
 # ---- settings check
-layers = sorted(set(LAYER_IDX if isinstance(LAYER_IDX, list) else [LAYER_IDX]))
+layers = LAYER_IDX if isinstance(LAYER_IDX, list) else [LAYER_IDX]
 if not layers or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
     fail(f"LAYER_IDX={LAYER_IDX!r} must be an int or a non-empty list of ints")
+layers = sorted(set(layers))
 if MAX_LENGTH < 2:
     fail(f"MAX_LENGTH={MAX_LENGTH} is too small; use at least 2 tokens (e.g. --max_length=512)")
 if BATCH_TOKENS < 1:

@@ -94,28 +94,54 @@ def wanted(step) -> dict:
     return {k: v for k, v in config[step].items() if k not in NOT_COMPARED.get(step, ())}
 
 
+def read_meta(path) -> dict:
+    return json.loads(str(np.load(path, allow_pickle=False)["meta"]))
+
+
+def read_checkpoint(path) -> dict:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_report_record(path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return read_record(f.read()) or {}
+
+
+def readable(read, path):
+    """read(path), or None (with a note) when the file is truncated, corrupt or not ours: the step is redone."""
+    try:
+        return read(path)
+    except Exception as e:  # any failure to read an output only means the output is not usable
+        print(f"{path} cannot be read ({type(e).__name__}); it is stale and the step runs again")
+        return None
+
+
 def up_to_date(step) -> str | None:
     """Why the step's outputs are current, or None when it must run."""
     if step == "extract":
         if not os.path.isfile(acts_path) or not os.path.isfile(dataset):
             return None
-        meta = json.loads(str(np.load(acts_path, allow_pickle=False)["meta"]))
+        meta = readable(read_meta, acts_path)
+        if meta is None:
+            return None
         if same(meta.get("config"), wanted("extract")) and meta.get("dataset_sha256") == sha256_file(dataset):
             return f"{acts_path} matches the settings and {dataset}"
     elif step == "train":
         if not os.path.isfile(ckpt_path) or not os.path.isfile(acts_path):
             return None
-        import torch
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = readable(read_checkpoint, ckpt_path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("provenance"), dict):
+            return None
         stored = {k: v for k, v in ckpt.get("config", {}).items() if k not in NOT_COMPARED["train"]}
         if "resume" not in ckpt and same(stored, wanted("train")) and ckpt["provenance"].get("processes", 1) == \
-                nproc and ckpt["provenance"]["activations_sha256"] == sha256_file(acts_path):
+                nproc and ckpt["provenance"].get("activations_sha256") == sha256_file(acts_path):
             return f"{ckpt_path} is finished, with the same settings and activations"
     else:
         csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
         if not (os.path.isfile(csv) and os.path.isfile(html) and os.path.isfile(ckpt_path)):
             return None
-        record = read_record(open(html, encoding="utf-8").read()) or {}
+        record = readable(read_report_record, html) or {}
         llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
                        or os.environ.get("OPENAI_API_KEY"))
         if same(record.get("config"), wanted("interpret")) and record.get("checkpoint_sha256") == \
@@ -154,13 +180,13 @@ def size(path):
     return f"{os.path.getsize(path) / 2**20:.1f} MiB" if os.path.isfile(path) else "missing"
 
 
-if os.path.isfile(acts_path):
-    meta = json.loads(str(np.load(acts_path, allow_pickle=False)["meta"]))
+meta = readable(read_meta, acts_path) if os.path.isfile(acts_path) else None
+if meta is not None:
     print(f"activations   {acts_path} ({size(acts_path)}): {meta['n_examples']} examples, {meta['n_tokens']} tokens, "
           f"{meta['model']} layer {meta['layer']}")
-if os.path.isfile(ckpt_path):
-    import torch
-    m = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("metrics", {})
+ckpt = readable(read_checkpoint, ckpt_path) if os.path.isfile(ckpt_path) else None
+if isinstance(ckpt, dict):
+    m = ckpt.get("metrics", {})
     if m:
         lm_line = f", ΔLM loss {m['lm_eval']['delta_lm_loss_pct']:+.2f}%" if "ce_clean" in m.get("lm_eval", {}) else ""
         content = m.get("val_nmse_content")
@@ -174,6 +200,6 @@ if os.path.isfile(ckpt_path):
                   f"{100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
 csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
 if os.path.isfile(html):
-    record = read_record(open(html, encoding="utf-8").read()) or {}
+    record = readable(read_report_record, html) or {}
     print(f"interpretation {csv} ({size(csv)}), {html} ({size(html)}): {record.get('n_described', 0)} of "
           f"{record.get('n_selected', 0)} selected features described by an LLM")

@@ -61,8 +61,13 @@ def resolve_label_field(path: str, label_field: str | None) -> str | None:
 def _records(path: str):
     if not os.path.isfile(path):
         raise DatasetError(f"dataset {path} does not exist; set DATASET_PATH to a JSONL file")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path} line {line_no} is not UTF-8 text (byte {e.start + 1} of the line); "
+                                   f"save the file as UTF-8 or fix that line") from None
             if not line.strip():
                 continue
             try:

@@ -171,6 +171,9 @@ BAD_DATA = {
     "no_text": ('{"text": "fine"}\n{"body": "x"}', "line 2 has no 'text' field and no 'messages' list"),
     "empty_text": ('{"text": "   "}', "line 1 has an empty or non-string 'text'"),
     "bad_role": ('{"messages": [{"role": "tool", "content": "x"}]}', "message 0 has role 'tool'"),
+    "latin1": ('{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "fine"}'.encode("latin-1"),
+               "line 2 is not UTF-8 text (byte 15 of the line)"),
+    "unterminated": ('{"text": "fine"}\n{"text": "oops}', "(Unterminated string starting at column 10)"),
 }
 
 
@@ -178,7 +181,9 @@ BAD_DATA = {
 def test_bad_dataset_messages(case, tiny_model, tmp_path):
     content, expected = BAD_DATA[case]
     path = tmp_path / "data.jsonl"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     proc = _extract(tiny_model, path, tmp_path / "acts", check=False)
     assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -190,6 +195,7 @@ def test_bad_dataset_messages(case, tiny_model, tmp_path):
     (["--model_name=nobody/no-such-model"], "was not found in"),
     (["--output_dir=OUT/file.txt/sub"], "is not a writable folder"),
     (["--layer=3"], "unknown setting --layer"),
+    (["--layer_idx=[1,'a']"], "LAYER_IDX=[1, 'a'] must be an int or a non-empty list of ints"),
 ])
 def test_bad_settings_messages(args, expected, tiny_model, tiny_dataset, tmp_path):
     (tmp_path / "file.txt").write_text("not a folder")

@@ -54,3 +54,22 @@ def test_pipeline_errors(tiny_model, tmp_path):
     proc = run_script("run_pipeline.py", f"--model_name={tiny_model}", "--max_length=1", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "step 'extract' (extract_activations.py) failed with exit code 2" in proc.stderr
     assert "MAX_LENGTH=1 is too small" in proc.stderr
+
+
+def test_corrupt_outputs_are_redone_not_a_traceback(tiny_model, tmp_path):
+    dataset = write_jsonl(tmp_path / "data.jsonl", tiny_records(24))
+    (tmp_path / "acts").mkdir()
+    (tmp_path / "acts" / "activations_layer2.npz").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "checkpoints" / "t").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "interpretations.csv").write_text("x")
+    (tmp_path / "report.html").write_text('<script type="application/json" id="run-record">{broken</script>')
+    args = [f"--model_name={tiny_model}", f"--dataset_path={dataset}", f"--output_dir={tmp_path / 'acts'}",
+            "--layer_idx=2", "--m=16", "--k=4", "--n_epochs=1", "--batch_size=64", "--run_name=t", "--eval_lm=False",
+            "--n_top_neurons=3", "--n_examples=2"]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    proc = run_script("run_pipeline.py", *args, cwd=tmp_path, env=env)
+    assert "Traceback" not in proc.stderr and proc.stdout.count("cannot be read") == 3
+    assert "==== extract done" in proc.stdout and "==== train done" in proc.stdout
+    assert "==== interpret done" in proc.stdout
+
