@@ -13,6 +13,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 
@@ -112,26 +113,51 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def load() -> tuple[FusedStep | None, str | None]:
-    """(FusedStep, None), building it if needed, or (None, the reason it cannot be had here)."""
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        return None, f"no C compiler ({cc}) on PATH"
+def _private(path: str) -> bool:
+    """Whether path is ours and nobody else can write it (so nobody could have planted a library there)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    return owner_ok and not stat.S_ISLNK(st.st_mode) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def kernel_path(folder: str | None = None) -> str:
+    """Where the library built from this source, with these flags, for this CPU lives in the cache."""
     with open(SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + repr((FLAGS, platform.machine(), _cpu_identity())).encode()).hexdigest()[:16]
+    return os.path.join(folder or cache_dir(), f"sae_step-{key}.so")
+
+
+def load() -> tuple[FusedStep | None, str | None]:
+    """(FusedStep, None), building it if needed, or (None, the reason it cannot be had here).
+
+    A cached library is loaded only from a folder that is ours and that others cannot write, and only when
+    the file is ours and others cannot write it either; otherwise the library is built afresh into a new
+    private temporary folder (0700), since a library planted where others can write would run in training."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return None, f"no C compiler ({cc}) on PATH"
     folder = cache_dir()
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError:
-        folder = tempfile.gettempdir()
-    lib = os.path.join(folder, f"sae_step-{key}.so")
+        pass
+    if not _private(folder):
+        folder = tempfile.mkdtemp(prefix="sae-kernel-")
+    lib = kernel_path(folder)
+    if os.path.lexists(lib) and not _private(lib):
+        folder = tempfile.mkdtemp(prefix="sae-kernel-")
+        lib = kernel_path(folder)
     if not os.path.exists(lib):
         tmp = f"{lib}.tmp{os.getpid()}"  # built under a temporary name, then renamed: never half-written
         try:
             proc = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
             if proc.returncode:
                 return None, f"{cc} could not build {SOURCE}: {proc.stderr.strip()[-300:]}"
+            os.chmod(tmp, 0o755)
             os.replace(tmp, lib)
         except (OSError, subprocess.TimeoutExpired) as e:
             return None, f"{cc} could not build {SOURCE}: {e}"
@@ -140,5 +166,5 @@ def load() -> tuple[FusedStep | None, str | None]:
                 os.remove(tmp)
     try:
         return FusedStep(lib), None
-    except OSError as e:
-        return None, f"could not load {lib}: {e}"
+    except (OSError, AttributeError) as e:  # not a library, or one without our functions
+        return None, f"could not load {lib} ({e}); delete it to rebuild"
