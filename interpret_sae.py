@@ -78,7 +78,7 @@ device = lm.pick_device(DEVICE)
 ckpt_path = SAE_CHECKPOINT or checkpoint_path(RUN_NAME, M, K)
 try:
     sae, ckpt = load_checkpoint(ckpt_path, device)
-    acts = open_activations(ACTIVATIONS_PATH)
+    acts = open_activations(ACTIVATIONS_PATH, verify=True)
 except (CheckpointError, ActivationFileError) as e:
     fail(str(e))
 if sae.d_in != acts.d:

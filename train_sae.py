@@ -95,7 +95,7 @@ lm.set_malloc(mmap_threshold=MMAP_THRESHOLD, trim_threshold=1 << 30)
 
 # ---- data
 try:
-    acts = open_activations(ACTIVATIONS_PATH)
+    acts = open_activations(ACTIVATIONS_PATH, verify=True)
 except ActivationFileError as e:
     fail(str(e))
 problem = check_config(acts.d, M, K, prefixes, aux_k)

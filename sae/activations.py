@@ -129,11 +129,16 @@ class ActivationFileError(Exception):
     """The file is missing, truncated or not an activations file; the message says which."""
 
 
-def _member_memmap(f, path: str, info: zipfile.ZipInfo) -> np.ndarray:
-    """Memory-map one stored .npy member of the zip (a 0-d or unicode member is read instead)."""
+def _data_start(f, info: zipfile.ZipInfo) -> int:
+    """Offset of a stored member's bytes (after its local header)."""
     f.seek(info.header_offset)
     name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
-    start = info.header_offset + 30 + name_len + extra_len
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _member_memmap(f, path: str, info: zipfile.ZipInfo) -> np.ndarray:
+    """Memory-map one stored .npy member of the zip (a 0-d or unicode member is read instead)."""
+    start = _data_start(f, info)
     f.seek(start)
     version = np.lib.format.read_magic(f)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -166,6 +171,7 @@ class Activations:
                                           f"to be memory-mapped, re-run extract_activations.py")
             with open(path, "rb") as f:
                 members = {k: _member_memmap(f, path, info) for k, info in infos.items()}
+                self._spans = {info.filename: (_data_start(f, info), info.file_size, info.CRC) for info in infos.values()}
             self.offsets = np.asarray(members["offsets"])
             self.example_index = np.asarray(members["example_index"])
             self.token_ids, self.token_role = members["token_ids"], members["token_role"]
@@ -180,6 +186,17 @@ class Activations:
             raise ActivationFileError(f"{path} has activations of shape {self.activations.shape} that do not "
                                       f"match its offsets; re-run extract_activations.py")
         self._fd = os.open(path, os.O_RDONLY)  # for read_rows; pread is safe from several threads
+
+    def verify(self, chunk_bytes: int = 1 << 24):
+        """Check every member against the CRC-32 the zip stores for it (the whole file is read once, about
+        a second per GB); raise ActivationFileError naming the member that fails."""
+        for name, (start, size, crc) in self._spans.items():
+            running = 0
+            for at in range(0, size, chunk_bytes):
+                running = zlib.crc32(os.pread(self._fd, min(chunk_bytes, size - at), start + at), running)
+            if running != crc:
+                raise ActivationFileError(f"{self.path} is corrupt: {name} fails its CRC-32 check (the bytes on "
+                                          f"disk changed after extraction); delete it and re-run extract_activations.py")
 
     def __del__(self, _close=os.close):  # bound now: at interpreter exit the os module may be gone
         if getattr(self, "_fd", None) is not None:
@@ -213,5 +230,9 @@ class Activations:
         return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]))
 
 
-def open_activations(path: str) -> Activations:
-    return Activations(path)
+def open_activations(path: str, verify: bool = False) -> Activations:
+    """The file memory-mapped; with verify, every byte checked against its CRC-32 first."""
+    acts = Activations(path)
+    if verify:
+        acts.verify()
+    return acts

@@ -122,6 +122,18 @@ def _truncated(tmp_path, acts_path):
     return path
 
 
+def _flipped(tmp_path, acts_path):
+    """64 bytes in the middle of the activations replaced by a finite float16 value (6560) that np.load's
+    CRC check would catch but a memory map does not."""
+    path = tmp_path / "flipped.npz"
+    data = bytearray(open(acts_path, "rb").read())
+    acts = open_activations(acts_path)
+    middle = acts.activations.offset + acts.activations.nbytes // 2
+    data[middle:middle + 64] = np.full(32, 6560, dtype=np.float16).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _foreign(tmp_path, _):
     path = tmp_path / "foreign.npz"
     np.savez(path, x=np.zeros(3))
@@ -132,6 +144,7 @@ BAD = [
     (lambda t, a: t / "nope.npz", [], "does not exist; run extract_activations.py"),
     (_truncated, [], "is truncated or corrupt"),
     (_foreign, [], "lacks activations, offsets"),
+    (_flipped, [], "activations.npy fails its CRC-32 check"),
     (lambda t, a: a, ["--k=32"], "K=32 is larger than M=16"),
     (lambda t, a: a, ["--lr=-1.0"], "LR=-1.0 must be positive"),
     (lambda t, a: a, ["--grad_clip=0"], "GRAD_CLIP=0.0 must be positive"),
