@@ -30,7 +30,7 @@ import pandas as pd
 
 from sae import lm
 from sae.activations import ActivationFileError, open_activations
-from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.files import write_atomic, write_text_atomic
@@ -95,6 +95,12 @@ with open(DATASET_PATH, encoding="utf-8") as f:
 if n_lines != acts.n_examples:
     fail(f"{DATASET_PATH} has {n_lines} examples but {ACTIVATIONS_PATH} has {acts.n_examples}; they do not "
          f"belong together, re-extract")
+if "resume" in ckpt:
+    print(f"Note: {ckpt_path} is an unfinished run (training stopped after epoch {ckpt.get('epoch')}); its weights "
+          f"are the best epoch so far. Rerun train_sae.py with --resume=True to finish it")
+elif os.path.exists(unfinished_path(ckpt_path)):
+    print(f"Note: an unfinished later run of these settings is in {unfinished_path(ckpt_path)}; this uses the "
+          f"finished {ckpt_path}")
 selection = ckpt["provenance"].get("train_tokens", "no_first")
 print(f"SAE: {ckpt_path} (M={sae.m}, K={sae.k}, trained on {selection} tokens of {acts.meta['model']} "
       f"layer {acts.meta['layer']})")

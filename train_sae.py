@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from sae import dist, fused as fused_step, lm
 from sae.activations import ActivationFileError, open_activations
-from sae.checkpoint import FORMAT, checkpoint_path, save_atomic
+from sae.checkpoint import FORMAT, checkpoint_path, save_atomic, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
@@ -139,7 +139,8 @@ fused, no_fused = fused_step.load() if device.type == "cpu" else (None, None)  #
 start_epoch, best_loss, best_state, bad_epochs, history = 0, math.inf, None, 0, []
 if RESUME:
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(unfinished_path(path) if os.path.exists(unfinished_path(path)) else path,
+                          map_location=device, weights_only=True)
     except FileNotFoundError:
         fail(f"RESUME=True but {path} does not exist; drop --resume or check RUN_NAME, M and K")
     except Exception as e:
@@ -234,10 +235,14 @@ def checkpoint(epoch, finished, metrics=None):
         return
     ckpt = {"format": FORMAT, "config": config, "sae_config": sae.config, "state_dict": best_state,
             "provenance": provenance, "history": history, "epoch": epoch, "metrics": metrics or {}}
-    if not finished:
+    if not finished:  # beside the finished checkpoint, which stays until this run is finished too
         ckpt["resume"] = {"state_dict": sae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "best_loss": best_loss, "bad_epochs": bad_epochs}
+        save_atomic(ckpt, unfinished_path(path))
+        return
     save_atomic(ckpt, path)
+    if os.path.exists(unfinished_path(path)):
+        os.remove(unfinished_path(path))
 
 
 # ---- training

@@ -19,6 +19,12 @@ def checkpoint_path(run_name: str, m: int, k: int, root: str = "checkpoints") ->
     return os.path.join(root, run_name, f"SAE_M={m}_K={k}.pt")
 
 
+def unfinished_path(path: str) -> str:
+    """Where a run that has not finished keeps its state, so that a finished checkpoint at `path` is never
+    replaced by an unfinished one (a killed retrain leaves the finished model in place)."""
+    return (path[:-3] if path.endswith(".pt") else path) + ".unfinished.pt"
+
+
 def save_atomic(obj, path: str):
     """torch.save to a temporary name in the same folder, then rename: never a half-written file."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -249,3 +249,14 @@ def test_a_refused_key_ends_with_one_sentence_and_no_outputs(tmp_path, trained):
         assert len(server.log) == 1 and not (tmp_path / "interpretations.csv").exists()
     finally:
         server.close()
+
+
+def test_an_unfinished_checkpoint_is_named_as_such(tmp_path, trained):
+    acts, ckpt_path, dataset = trained
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["resume"] = {"epoch": ckpt["epoch"]}
+    unfinished = tmp_path / "SAE_M=16_K=4.unfinished.pt"
+    torch.save(ckpt, unfinished)
+    proc = interpret(tmp_path, (acts, str(unfinished), dataset))
+    assert f"Note: {unfinished} is an unfinished run (training stopped after epoch {ckpt['epoch']})" in proc.stdout
+    assert "is an unfinished run" not in interpret(tmp_path, trained).stdout

@@ -79,13 +79,14 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, acts_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, TQDM_DISABLE="1"))
     path_b, deadline = tmp_path / "checkpoints" / "b" / "SAE_M=16_K=4.pt", time.time() + 120
+    unfinished = tmp_path / "checkpoints" / "b" / "SAE_M=16_K=4.unfinished.pt"
     while time.time() < deadline and proc.poll() is None:
-        if path_b.exists() and torch.load(path_b, weights_only=True)["epoch"] >= 2:
+        if unfinished.exists() and torch.load(unfinished, weights_only=True)["epoch"] >= 2:
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert "resume" in torch.load(path_b, weights_only=True)
+    assert "resume" in torch.load(unfinished, weights_only=True) and not path_b.exists()
     resumed = run_script("train_sae.py", f"--activations_path={big}", "--m=16", "--k=4", *args, "--run_name=b",
                          "--resume=True", cwd=tmp_path)
     assert "Resuming" in resumed.stdout
@@ -94,6 +95,25 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, acts_path):
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    assert not unfinished.exists(), "the finished run removes its unfinished state"
+
+
+def test_a_killed_retrain_keeps_the_finished_checkpoint(tmp_path, acts_path):
+    train(tmp_path, acts_path, "--n_epochs=2", "--run_name=x", "--eval_lm=False")
+    path = tmp_path / "checkpoints" / "x" / "SAE_M=16_K=4.pt"
+    finished, metrics = path.read_bytes(), (path.parent / "metrics.json").read_text()
+    big = make_activations(tmp_path / "big.npz", n_examples=400, seed=1)
+    cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={big}", *SMALL, "--n_epochs=50",
+           "--patience=100", "--batch_size=8", "--run_name=x", "--seed=5", "--eval_lm=False"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT))
+    unfinished, deadline = path.parent / "SAE_M=16_K=4.unfinished.pt", time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not unfinished.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert path.read_bytes() == finished and (path.parent / "metrics.json").read_text() == metrics
+    assert "resume" in torch.load(unfinished, weights_only=True)
 
 
 def test_batch_topk_trains_and_saves_threshold(tmp_path, acts_path):
