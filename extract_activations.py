@@ -26,7 +26,7 @@ from tqdm import tqdm
 from sae import dist
 from sae.activations import StreamingNpzWriter, open_activations
 from sae.config import configure, fail
-from sae.files import activations_path, write_text_atomic
+from sae.files import Busy, activations_path, lock_output, write_text_atomic
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 from sae import lm
 
@@ -142,6 +142,10 @@ def share_path(layer, r):
 
 part_paths = {L: share_path(L, rank) if world > 1 else p for L, p in out_paths.items()}
 progress_path = os.path.join(OUTPUT_DIR, f".extract_progress{f'.rank{rank}of{world}' if world > 1 else ''}.json")
+try:
+    lock_output(progress_path)  # one extraction per output folder (and rank) at a time
+except Busy as e:
+    fail(str(e))
 fingerprint = {k: v for k, v in config.items() if k not in ("BATCH_TOKENS",)}
 fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=layers, share=[first, last], format=1)
 store_dtype = np.dtype(STORE_DTYPE)

@@ -33,7 +33,7 @@ from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
-from sae.files import write_atomic, write_text_atomic
+from sae.files import Busy, lock_output, write_atomic, write_text_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import AuthenticationFailed, CachedChat
@@ -74,6 +74,10 @@ REPORT_HTML = "report.html"  # self-contained report (plots inline, no network n
 config = configure(globals(), also={"SELECT_BY": (list,)})
 # -----------------------------------------------------------------------------
 # ---- inputs and their consistency
+try:
+    lock_output(OUTPUT_CSV)  # one interpretation writing these outputs at a time
+except Busy as e:
+    fail(str(e))
 device = lm.pick_device(DEVICE)
 ckpt_path = SAE_CHECKPOINT or checkpoint_path(RUN_NAME, M, K)
 try:

@@ -27,7 +27,7 @@ from sae.checkpoint import FORMAT, checkpoint_path, save_atomic, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
-from sae.files import write_text_atomic
+from sae.files import Busy, lock_output, write_text_atomic
 from sae.features import auroc, example_features, labels_covered
 from sae.probe import probe_accuracy
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
@@ -119,6 +119,11 @@ print(f"Train: {len(train_ids)} examples, {n_train} tokens; Val: {len(val_ids)} 
 
 stream = MixingStream(acts, train_ids, selection, BATCH_SIZE, SEED, rank=rank, world=world)
 path = checkpoint_path(RUN_NAME, M, K)
+try:
+    if rank == 0:  # the only writer: one training of a checkpoint at a time
+        lock_output(path)
+except Busy as e:
+    fail(str(e))
 provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activations_bytes": os.path.getsize(ACTIVATIONS_PATH),
               "activations_sha256": sha256_file(ACTIVATIONS_PATH), "model": acts.meta["model"],
               "layer": acts.meta["layer"], "hook": acts.meta.get("hook"), "train_tokens": TRAIN_TOKENS,

@@ -37,3 +37,34 @@ def write_text_atomic(path: str, text: str) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     return write_atomic(path, write)
+
+
+class Busy(Exception):
+    """Another process holds the lock of an output; the message says which and what to do."""
+
+
+_held = []  # open lock files: a lock lasts as long as the process (the OS drops it on exit, even on a kill)
+
+
+def lock_path(path: str) -> str:
+    """The hidden lock file beside an output: folder/.name.lock."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name.lstrip('.')}.lock")
+
+
+def lock_output(path: str):
+    """Hold an exclusive lock on lock_path(path) until the process exits, so two runs never write one output
+    at once; raise Busy when another process holds it. A no-op where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    f = open(lock_path(path), "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise Busy(f"another run is writing {path} right now (it holds {lock_path(path)}); wait for it to finish "
+                   f"or choose another output") from None
+    _held.append(f)

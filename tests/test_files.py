@@ -35,3 +35,22 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 
 def test_activations_path_is_the_one_naming_rule():
     assert activations_path("acts", 12) == os.path.join("acts", "activations_layer12.npz")
+
+
+def test_a_second_writer_of_one_output_is_refused(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from sae.files import Busy, lock_output
+    out = str(tmp_path / "out.csv")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+                               f"from sae.files import lock_output; lock_output({out!r}); print('held', flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match="another run is writing .*out.csv right now"):
+            lock_output(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_output(out)  # the holder is gone (killed): its lock went with it

@@ -189,3 +189,20 @@ def test_resume_with_other_settings_is_refused(tmp_path, acts_path):
     proc = train(tmp_path, acts_path, "--n_epochs=2", "--run_name=r", "--resume=True", "--lr=0.01", "--eval_lm=False",
                  check=False)
     assert proc.returncode != 0 and "trained with other settings (LR differ)" in proc.stderr, proc.stderr
+
+
+def test_two_trainings_of_one_checkpoint_do_not_run_at_once(tmp_path, acts_path):
+    big = make_activations(tmp_path / "big.npz", n_examples=400, seed=1)
+    cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={big}", *SMALL, "--n_epochs=50",
+           "--patience=100", "--batch_size=8", "--run_name=same", "--eval_lm=False"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT))
+    try:
+        while "Epoch 1/50" not in first.stdout.readline():  # training under way: it holds the lock
+            assert first.poll() is None
+        second = train(tmp_path, acts_path, "--run_name=same", "--n_epochs=1", check=False)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert "another run is writing checkpoints/same/SAE_M=16_K=4.pt right now" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
