@@ -16,7 +16,6 @@ Killed or out of disk? Run the same command again: it resumes where it stopped.
 """
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -26,7 +25,7 @@ from tqdm import tqdm
 from sae import dist
 from sae.activations import StreamingNpzWriter, open_activations
 from sae.config import configure, fail
-from sae.files import Busy, activations_path, lock_output, write_text_atomic
+from sae.files import NO_SPACE, Busy, activations_path, lock_output, unwritable, write_text_atomic
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 from sae import lm
 
@@ -66,12 +65,8 @@ if STORE_DTYPE not in ("float16", "float32"):
     fail(f"STORE_DTYPE={STORE_DTYPE!r} is not supported; use 'float16' or 'float32'")
 if DTYPE not in ("auto", "float32", "bfloat16", "float16"):
     fail(f"DTYPE={DTYPE!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'")
-try:
-    os.makedirs(OUTPUT_DIR, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=OUTPUT_DIR):
-        pass
-except OSError as e:
-    fail(f"OUTPUT_DIR={OUTPUT_DIR} is not a writable folder ({e.strerror}); point --output_dir at one")
+if problem := unwritable(OUTPUT_DIR):
+    fail(f"OUTPUT_DIR={OUTPUT_DIR} is not a writable folder ({problem}); point --output_dir at one")
 
 # ---- data: validate every line before spending time on the model
 try:
@@ -93,13 +88,19 @@ try:
     where = lm.resolve_model(MODEL_NAME, CACHE_DIR)
 except lm.ModelNotFound as e:
     fail(str(e))
-model_config = lm.load_config(where)
+try:
+    model_config = lm.load_config(where)
+except Exception as e:  # transformers and gguf raise many types for a damaged or foreign file
+    fail(lm.unloadable(MODEL_NAME, e))
 n_blocks = lm.n_layers(model_config)
 bad = [x for x in layers if not 0 <= x < n_blocks]
 if bad:
     fail(f"LAYER_IDX={LAYER_IDX} is out of range for {MODEL_NAME}, which has {n_blocks} decoder blocks; "
          f"use 0..{n_blocks - 1}")
-tokenizer = lm.load_tokenizer(where)
+try:
+    tokenizer = lm.load_tokenizer(where)
+except Exception as e:
+    fail(lm.unloadable(MODEL_NAME, e))
 if not tokenizer.is_fast:
     fail(f"the tokenizer of {MODEL_NAME} is not a fast tokenizer, which is needed to tell template tokens "
          f"from content; use a model with a tokenizer.json")
@@ -199,7 +200,10 @@ if progress != "finished":
 
     # ---- load the weights and run
     t0 = time.time()
-    model = lm.load_model(where, device, dtype, DEVICE_MAP)
+    try:
+        model = lm.load_model(where, device, dtype, DEVICE_MAP)
+    except Exception as e:
+        fail(lm.unloadable(MODEL_NAME, e))
     print(f"Loaded weights in {time.time() - t0:.1f}s")
     input_device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
@@ -243,7 +247,7 @@ if progress != "finished":
             writers[L].finish(small_arrays(first, last, L))
         os.remove(progress_path)
     except OSError as e:
-        if e.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+        if e.errno in NO_SPACE:
             fail(f"no space left while writing to {OUTPUT_DIR} ({e.strerror}); free some space or point "
                  f"--output_dir elsewhere and run again: it resumes, and no finished-looking file was left")
         raise

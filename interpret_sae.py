@@ -33,12 +33,13 @@ from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
-from sae.files import Busy, lock_output, write_atomic, write_text_atomic
+from sae.files import Busy, lock_output, unwritable, write_atomic, write_text_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import AuthenticationFailed, CachedChat
 from sae.report import render
 from sae.selection import TokenSelection
+from sae.stream import NonFiniteActivations
 
 # ---- inputs
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
@@ -74,6 +75,9 @@ REPORT_HTML = "report.html"  # self-contained report (plots inline, no network n
 config = configure(globals(), also={"SELECT_BY": (list,)})
 # -----------------------------------------------------------------------------
 # ---- inputs and their consistency
+for name, output in (("OUTPUT_CSV", OUTPUT_CSV), ("REPORT_HTML", REPORT_HTML)):  # before any work
+    if problem := unwritable(os.path.dirname(os.path.abspath(output))):
+        fail(f"{name}={output} cannot be written there ({problem}); choose a writable folder")
 try:
     lock_output(OUTPUT_CSV)  # one interpretation writing these outputs at a time
 except Busy as e:
@@ -131,7 +135,10 @@ if not 0 < TEMPLATE_SHARE <= 1:
 
 # ---- feature activations per example (streamed through the SAE in chunks)
 t0 = time.time()
-ex = example_features(sae, acts, TokenSelection(acts, selection), INTERPRET_TOKENS, device)
+try:
+    ex = example_features(sae, acts, TokenSelection(acts, selection), INTERPRET_TOKENS, device)
+except NonFiniteActivations as e:
+    fail(str(e))
 max_NM, peak_NM = ex.max_NM, ex.peak_NM
 active_NM = max_NM > 0
 prevalence = active_NM.mean(0)

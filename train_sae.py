@@ -27,7 +27,7 @@ from sae.checkpoint import FORMAT, checkpoint_path, save_atomic, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
-from sae.files import Busy, lock_output, write_text_atomic
+from sae.files import NO_SPACE, Busy, lock_output, unwritable, write_text_atomic
 from sae.features import auroc, example_features, labels_covered
 from sae.probe import probe_accuracy
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
@@ -119,6 +119,9 @@ print(f"Train: {len(train_ids)} examples, {n_train} tokens; Val: {len(val_ids)} 
 
 stream = MixingStream(acts, train_ids, selection, BATCH_SIZE, SEED, rank=rank, world=world)
 path = checkpoint_path(RUN_NAME, M, K)
+if rank == 0 and (problem := unwritable(os.path.dirname(path))):
+    fail(f"the checkpoint folder {os.path.dirname(path)} is not writable ({problem}); run from a folder where "
+         f"checkpoints/ can be written or change RUN_NAME")
 try:
     if rank == 0:  # the only writer: one training of a checkpoint at a time
         lock_output(path)
@@ -235,6 +238,13 @@ def label_metrics(sae, acts, train_ids, val_ids, selection_name, device, thresho
             "probe_val_examples": sae_probe["n_test"]}
 
 
+def fail_if_full(error: OSError, path: str):
+    """One sentence and exit 2 when a write failed for want of space; other errors are left to the caller."""
+    if error.errno in NO_SPACE:
+        fail(f"no space left while saving {path} ({error.strerror}); free some space and rerun (with "
+             f"--resume=True while training was unfinished): every file written so far is complete")
+
+
 def checkpoint(epoch, finished, metrics=None):
     if rank > 0:  # only rank 0 writes; every process holds the same weights
         return
@@ -292,10 +302,18 @@ try:
             n_steps += 1
             tokens_seen += len(x) * world
         val = evaluate(sae, acts, val_ids, selection, fused, device)
-        val_loss = float(np.mean(val["prefix_nmse"]))
+        val_loss = float(np.mean([math.nan if v is None else v for v in val["prefix_nmse"]]))
         dead_ratio = sae.dead_mask().float().mean().item()
         loss_sum, n_steps = dist.all_reduce([loss_sum.item(), n_steps])
         train_loss = float(loss_sum / max(n_steps, 1))
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            advice = f"lower --lr (now {LR}) or --grad_clip (now {GRAD_CLIP})"
+            if best_state is None:
+                fail(f"training diverged in epoch {epoch + 1} (train loss {train_loss}, validation loss {val_loss}) "
+                     f"before any usable epoch; {advice}; nothing was saved")
+            print(f"Training diverged in epoch {epoch + 1} (train loss {train_loss}, validation loss {val_loss}); "
+                  f"keeping the best epoch so far (validation loss {best_loss:.4f}); {advice}")
+            break
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                         "val_nmse": val["nmse"], "dead_ratio": dead_ratio, "l0": val["l0"]})
         improved = val_loss < best_loss
@@ -313,6 +331,9 @@ try:
             break
 except NonFiniteActivations as e:
     fail(str(e))
+except OSError as e:
+    fail_if_full(e, path)
+    raise
 elapsed = time.time() - t_start
 if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
     dist.barrier()
@@ -389,12 +410,15 @@ if EVAL_LM:
               f"{100 * lm_metrics['frac_recovered_zero']:.1f}% (vs zero), {100 * lm_metrics['frac_recovered_mean']:.1f}% "
               f"(vs mean); KL(clean ‖ SAE) {lm_metrics['kl_sae']:.4f} nats/token")
 
-checkpoint(len(history), finished=True, metrics=metrics)
-metrics_path = os.path.join(os.path.dirname(path), "metrics.json")
-write_text_atomic(metrics_path, json.dumps({"checkpoint": path, **metrics, "history": history}, indent=2))
-print(f"Saved {path} and {metrics_path}")
-
-if EXPORT_SAELENS:
-    from sae.saelens import export_saelens
-    folder = export_saelens(sae, os.path.join(os.path.dirname(path), f"saelens_M={M}_K={K}"), acts.meta)
-    print(f"SAELens export: {folder}")
+try:
+    checkpoint(len(history), finished=True, metrics=metrics)
+    metrics_path = os.path.join(os.path.dirname(path), "metrics.json")
+    write_text_atomic(metrics_path, json.dumps({"checkpoint": path, **metrics, "history": history}, indent=2))
+    print(f"Saved {path} and {metrics_path}")
+    if EXPORT_SAELENS:
+        from sae.saelens import export_saelens
+        folder = export_saelens(sae, os.path.join(os.path.dirname(path), f"saelens_M={M}_K={K}"), acts.meta)
+        print(f"SAELens export: {folder}")
+except OSError as e:
+    fail_if_full(e, path)
+    raise

@@ -25,9 +25,39 @@ def unfinished_path(path: str) -> str:
     return (path[:-3] if path.endswith(".pt") else path) + ".unfinished.pt"
 
 
+class _KeepsWriteErrors:
+    """A file for torch.save that remembers the OSError of a failed write: torch reports it as a RuntimeError
+    without the errno, which is what tells a full disk from a bug."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _torch_save(obj, tmp: str):
+    with open(tmp, "wb") as f:
+        sink = _KeepsWriteErrors(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
 def save_atomic(obj, path: str):
-    """torch.save to a temporary name in the same folder, then rename: never a half-written file."""
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary name in the same folder, then rename: never a half-written file. A failed
+    write raises its OSError (errno ENOSPC, EFBIG, ...)."""
+    write_atomic(path, lambda tmp: _torch_save(obj, tmp))
 
 
 class CheckpointError(Exception):
@@ -46,8 +76,12 @@ def load_checkpoint(path: str, device="cpu") -> tuple[SparseAutoencoder, dict]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an SAE checkpoint of this project (no '{FORMAT}' marker); "
                               f"point SAE_CHECKPOINT at a file written by train_sae.py")
-    sae = build_sae(ckpt["sae_config"])
-    sae.load_state_dict(ckpt["state_dict"])
+    try:
+        sae = build_sae(ckpt["sae_config"])
+        sae.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"{path} does not hold a consistent SAE (its config and weights disagree: "
+                              f"{type(e).__name__}); retrain with train_sae.py") from None
     return sae.to(device).eval(), ckpt
 
 

@@ -68,3 +68,18 @@ def lock_output(path: str):
         raise Busy(f"another run is writing {path} right now (it holds {lock_path(path)}); wait for it to finish "
                    f"or choose another output") from None
     _held.append(f)
+
+
+def unwritable(folder: str) -> str | None:
+    """None when files can be created in `folder` (made if missing), else the reason (the OS's words)."""
+    import tempfile
+    try:
+        os.makedirs(folder or ".", exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder or "."):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+NO_SPACE = (28, 27, 122)  # ENOSPC, EFBIG, EDQUOT: the disk (or quota) is full

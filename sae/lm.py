@@ -111,6 +111,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def unloadable(name: str, error: Exception) -> str:
+    """One sentence for a model that was found but could not be loaded."""
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    return (f"model {name} could not be loaded ({type(error).__name__}{': ' + detail if detail else ''}); it is "
+            f"damaged, incomplete, or in a form transformers refuses to load here (such as pickled weights); point "
+            f"MODEL_NAME at a complete model folder with safetensors weights or at a .gguf file")
+
+
 def load_config(where: dict):
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(where["path"], gguf_file=where["gguf_file"], local_files_only=True)

@@ -196,6 +196,11 @@ def _other_dataset(tmp_path, trained):
     return [f"--dataset_path={path}"]
 
 
+def _file(tmp_path):
+    (tmp_path / "file.txt").write_text("not a folder")
+    return tmp_path / "file.txt"
+
+
 @pytest.mark.parametrize("make_args, expected", [
     (lambda t, tr: [f"--sae_checkpoint={t / 'none.pt'}"], "does not exist; run train_sae.py first"),
     (_bad_checkpoint, "is not an SAE checkpoint of this project"),
@@ -208,6 +213,7 @@ def _other_dataset(tmp_path, trained):
     (lambda t, tr: ["--timeout_s=0"], "TIMEOUT_S=0.0 must be positive"),
     (lambda t, tr: ["--interpret_tokens=everything"], "INTERPRET_TOKENS='everything' must be 'content' or 'trained'"),
     (lambda t, tr: ["--template_share=1.5"], "TEMPLATE_SHARE=1.5 must be in (0, 1]"),
+    (lambda t, tr: [f"--report_html={_file(t)}/sub/report.html"], "/sub/report.html cannot be written there (Not a"),
 ])
 def test_bad_inputs(tmp_path, trained, make_args, expected):
     proc = interpret(tmp_path, trained, *make_args(tmp_path, trained), check=False)

@@ -24,8 +24,8 @@ def acts_path(tmp_path_factory):
     return make_activations(tmp_path_factory.mktemp("acts") / "activations_layer1.npz", n_examples=60)
 
 
-def train(tmp_path, acts, *args, check=True):
-    return run_script("train_sae.py", f"--activations_path={acts}", *SMALL, *args, cwd=tmp_path, check=check)
+def train(tmp_path, acts, *args, check=True, **kw):
+    return run_script("train_sae.py", f"--activations_path={acts}", *SMALL, *args, cwd=tmp_path, check=check, **kw)
 
 
 def test_train_prints_metrics_and_writes_loadable_checkpoint(tmp_path, acts_path):
@@ -206,3 +206,37 @@ def test_two_trainings_of_one_checkpoint_do_not_run_at_once(tmp_path, acts_path)
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_diverging_run_says_so_and_saves_nothing_broken(tmp_path, acts_path):
+    proc = train(tmp_path, acts_path, "--lr=1e6", "--n_epochs=3", "--run_name=div", "--eval_lm=False", check=False)
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "diverged in epoch" in out and "lower --lr (now 1000000.0)" in out
+    path = tmp_path / "checkpoints" / "div" / "SAE_M=16_K=4.pt"
+    if proc.returncode == 0:  # it diverged after a usable epoch: that one is kept
+        ckpt = torch.load(path, weights_only=True)
+        assert all(np.isfinite(h["val_loss"]) for h in ckpt["history"])
+        assert all(torch.isfinite(v.float()).all() for v in ckpt["state_dict"].values())
+    else:
+        assert proc.returncode == 2 and not path.exists() and "nothing was saved" in proc.stderr
+
+
+def test_a_full_disk_while_training_is_one_sentence_and_no_half_file(tmp_path, acts_path):
+    import resource
+    proc = train(tmp_path, acts_path, "--n_epochs=2", "--run_name=full", "--eval_lm=False", check=False,
+                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4_000, 4_000)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no space left while saving checkpoints/full/SAE_M=16_K=4.pt" in proc.stderr
+    folder = tmp_path / "checkpoints" / "full"
+    assert not [n for n in os.listdir(folder) if ".tmp" in n or n.endswith(".pt")], os.listdir(folder)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--run_name=file.txt/sub"], "the checkpoint folder checkpoints/file.txt/sub is not writable (Not a directory)"),
+])
+def test_unwritable_outputs_are_found_before_the_work(tmp_path, acts_path, args, expected):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "file.txt").write_text("not a folder")
+    proc = train(tmp_path, acts_path, *args, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr and "Epoch 1" not in proc.stdout
+
