@@ -1,6 +1,8 @@
 import json
 import os
+import pickle
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,10 +198,20 @@ def test_bad_dataset_messages(case, tiny_model, tmp_path):
     (["--output_dir=OUT/file.txt/sub"], "is not a writable folder"),
     (["--layer=3"], "unknown setting --layer"),
     (["--layer_idx=[1,'a']"], "LAYER_IDX=[1, 'a'] must be an int or a non-empty list of ints"),
+    (["--model_name=OUT/random.gguf"], "model OUT/random.gguf could not be loaded ("),
+    (["--model_name=OUT/pickled", "--layer_idx=1"], "model OUT/pickled could not be loaded ("),
 ])
 def test_bad_settings_messages(args, expected, tiny_model, tiny_dataset, tmp_path):
     (tmp_path / "file.txt").write_text("not a folder")
+    (tmp_path / "random.gguf").write_bytes(os.urandom(4096))
+    pickled = tmp_path / "pickled"  # a model folder whose weights are a pickle that would run code
+    shutil.copytree(tiny_model, pickled)
+    for name in os.listdir(pickled):
+        if name.endswith(".safetensors"):
+            os.remove(pickled / name)
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(os.system))
     args = [a.replace("OUT", str(tmp_path)) for a in args]
+    expected = expected.replace("OUT", str(tmp_path))
     base = [f"--model_name={tiny_model}", f"--dataset_path={tiny_dataset}", f"--output_dir={tmp_path / 'acts'}"]
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hf"))
     proc = run_script("extract_activations.py", *base, *args, check=False, env=env)

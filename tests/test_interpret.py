@@ -196,6 +196,26 @@ def _other_dataset(tmp_path, trained):
     return [f"--dataset_path={path}"]
 
 
+def _disagreeing_checkpoint(tmp_path, trained):
+    ckpt = torch.load(trained[1], weights_only=True)
+    ckpt["sae_config"]["m"] = 32  # the weights are 16 wide
+    torch.save(ckpt, tmp_path / "disagree.pt")
+    return [f"--sae_checkpoint={tmp_path / 'disagree.pt'}"]
+
+
+def _nan_activations(tmp_path, trained):
+    """The same activations with a NaN in the middle, written with a valid CRC-32 (so only the values are bad)."""
+    from sae.activations import StreamingNpzWriter
+    acts = open_activations(trained[0])
+    rows = np.asarray(acts.activations, dtype=np.float32).copy()
+    rows[acts.offsets[5] + 2, 3] = np.nan
+    w = StreamingNpzWriter(str(tmp_path / "nan.npz"), rows.shape, acts.activations.dtype)
+    w.append(rows)
+    w.finish({"offsets": acts.offsets, "token_ids": np.asarray(acts.token_ids), "token_role": np.asarray(acts.token_role),
+              "example_index": acts.example_index, "labels": acts.labels, "meta": np.array(json.dumps(acts.meta))})
+    return [f"--activations_path={tmp_path / 'nan.npz'}"]
+
+
 def _file(tmp_path):
     (tmp_path / "file.txt").write_text("not a folder")
     return tmp_path / "file.txt"
@@ -213,6 +233,8 @@ def _file(tmp_path):
     (lambda t, tr: ["--timeout_s=0"], "TIMEOUT_S=0.0 must be positive"),
     (lambda t, tr: ["--interpret_tokens=everything"], "INTERPRET_TOKENS='everything' must be 'content' or 'trained'"),
     (lambda t, tr: ["--template_share=1.5"], "TEMPLATE_SHARE=1.5 must be in (0, 1]"),
+    (_disagreeing_checkpoint, "does not hold a consistent SAE (its config and weights disagree"),
+    (_nan_activations, "has NaN or inf activations in example 5 (line 6 of"),
     (lambda t, tr: [f"--report_html={_file(t)}/sub/report.html"], "/sub/report.html cannot be written there (Not a"),
 ])
 def test_bad_inputs(tmp_path, trained, make_args, expected):
