@@ -33,7 +33,7 @@ from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
-from sae.files import Busy, lock_output, unwritable, write_atomic, write_text_atomic
+from sae.files import NO_SPACE, Busy, lock_output, text_writer, unwritable, write_all_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import AuthenticationFailed, CachedChat
@@ -301,7 +301,6 @@ for f in selected:
     for j in range(5):
         row[f"top_example_{j + 1}"] = d["shown"][j] if j < len(d["shown"]) else ""
     rows.append(row)
-write_atomic(OUTPUT_CSV, lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False))
 
 
 def token_text(token_id):
@@ -337,7 +336,14 @@ html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M
               record={"config": config, "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
                       "llm": chat.url if chat else None, "n_described": n_described,
                       "n_selected": len(selected)})
-write_text_atomic(REPORT_HTML, html)
+try:  # both outputs, or neither: an old report never sits beside a new CSV
+    write_all_atomic({OUTPUT_CSV: lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False),
+                      REPORT_HTML: text_writer(html)})
+except OSError as e:
+    if e.errno not in NO_SPACE:
+        raise
+    fail(f"no space left while writing {OUTPUT_CSV} and {REPORT_HTML} ({e.strerror}); the previous outputs are "
+         f"unchanged, free some space and rerun (LLM answers are cached)")
 print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described by an LLM) and {REPORT_HTML}; "
       f"{len(template_rows)} template features are listed apart in the report")
 

@@ -20,23 +20,37 @@ def _umask() -> int:
 
 def write_atomic(path: str, write) -> str:
     """Call write(temporary_path), then rename it to `path`; return `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    return write_all_atomic({path: write})[0]
+
+
+def write_all_atomic(writers: dict) -> list[str]:
+    """{path: write(temporary_path)}: every output is written to its temporary name first, and only then are
+    they all renamed, so a failure (a full disk) leaves every old output as it was, not a mix of old and new."""
+    tmps = {path: f"{path}.tmp{os.getpid()}" for path in writers}
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        for path, write in writers.items():
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            write(tmps[path])
+            os.chmod(tmps[path], 0o666 & ~_umask())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return list(writers)
 
 
-def write_text_atomic(path: str, text: str) -> str:
+def text_writer(text: str):
+    """A writer for write_atomic / write_all_atomic that writes `text` as UTF-8."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    return write_atomic(path, write)
+    return write
+
+
+def write_text_atomic(path: str, text: str) -> str:
+    return write_atomic(path, text_writer(text))
 
 
 class Busy(Exception):

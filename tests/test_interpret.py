@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -288,3 +287,20 @@ def test_an_unfinished_checkpoint_is_named_as_such(tmp_path, trained):
     proc = interpret(tmp_path, (acts, str(unfinished), dataset))
     assert f"Note: {unfinished} is an unfinished run (training stopped after epoch {ckpt['epoch']})" in proc.stdout
     assert "is an unfinished run" not in interpret(tmp_path, trained).stdout
+
+
+def test_a_full_disk_leaves_both_old_outputs(tmp_path, trained):
+    import resource
+    interpret(tmp_path, trained)
+    old = (tmp_path / "interpretations.csv").read_bytes(), (tmp_path / "report.html").read_bytes()
+    acts, ckpt, dataset = trained
+    base = [f"--activations_path={acts}", f"--sae_checkpoint={ckpt}", f"--dataset_path={dataset}", "--n_top_neurons=2",
+            f"--output_csv={tmp_path / 'interpretations.csv'}", f"--report_html={tmp_path / 'report.html'}"]
+    limit = len(old[0]) + 1000  # room for the CSV, not for the report
+    proc = run_script("interpret_sae.py", *base, cwd=tmp_path, env=offline_env(), check=False,
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the previous outputs are unchanged" in proc.stderr
+    assert ((tmp_path / "interpretations.csv").read_bytes(), (tmp_path / "report.html").read_bytes()) == old
+    assert sorted(os.listdir(tmp_path)) == sorted(["interpretations.csv", "report.html", ".interpretations.csv.lock"])
+
