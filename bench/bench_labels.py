@@ -17,7 +17,6 @@ it). Both are then measured by the same functions on the same examples:
 One split of 45 validation examples for 45 labels makes one run's figures noisy (the label count moves
 by ±3 and the probe ratio by ±0.3 between seeds), hence several seeds and their means.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,6 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from peer import load_hypothesaes  # noqa: E402
 from sae.activations import open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
 from sae.data import sha256_file  # noqa: E402
@@ -60,17 +60,6 @@ class Theirs:
         _, info = self.model(x)
         vals, idx = info["activations"].topk(self.model.k_active_neurons, dim=-1)
         return idx, vals
-
-
-def load_hypothesaes():
-    spec = importlib.util.find_spec("hypothesaes")
-    if spec is None:
-        sys.exit("HypotheSAEs is not installed: pip install --no-deps hypothesaes")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "sae.py")
-    module_spec = importlib.util.spec_from_file_location("hypothesaes_sae", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def measure(sae, recon, acts, train_ids, val_ids):

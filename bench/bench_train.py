@@ -10,7 +10,6 @@ HypotheSAEs is installed with `pip install --no-deps hypothesaes` and its sae.py
     python bench/bench_train.py                       # default activations, 5 epochs
     python bench/bench_train.py --memory              # also peak RSS on the file and on one 4x larger
 """
-import importlib.util
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from peer import load_hypothesaes  # noqa: E402
 from sae.activations import StreamingNpzWriter, open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
 from sae.selection import TokenSelection  # noqa: E402
@@ -32,17 +32,6 @@ from sae.stream import eval_batches, split_examples  # noqa: E402
 
 ACTS = os.path.join(ROOT, "activations", "activations_layer12.npz")
 M, K, PREFIXES, EPOCHS, BATCH, LR, SEED = 256, 8, [64, 256], 5, 512, 5e-4, 0
-
-
-def load_hypothesaes():
-    spec = importlib.util.find_spec("hypothesaes")
-    if spec is None:
-        sys.exit("HypotheSAEs is not installed: pip install --no-deps hypothesaes")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "sae.py")
-    module_spec = importlib.util.spec_from_file_location("hypothesaes_sae", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def tokens(acts, ids):
