@@ -37,7 +37,7 @@ from sae.files import NO_SPACE, Busy, lock_output, text_writer, unwritable, writ
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import AuthenticationFailed, CachedChat
-from sae.report import render
+from sae.report import feature_table, render
 from sae.selection import TokenSelection
 from sae.stream import NonFiniteActivations
 
@@ -350,10 +350,7 @@ print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described by a
 # ---- the selected features at a glance
 print(f"\nSelected features ({len(selected)} of {sae.m}, {selected_by}; share of examples active; description "
       f"from {'the LLM' if n_described else 'the data'}):")
-for f in selected:
-    text = features[f]["interpretation"]
-    text = text if len(text) <= 140 else text[:139] + "…"
-    print(f"  Neuron {f:>5} ({100 * prevalence[f]:5.1f}% active): {text}")
+print("\n".join(feature_table((f, prevalence[f], features[f]["interpretation"]) for f in selected)))
 if unreachable:
     fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "
          f"LLM descriptions were written ({OUTPUT_CSV}, {REPORT_HTML}); check OPENAI_BASE_URL and rerun")

@@ -19,12 +19,13 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 
 from sae.checkpoint import checkpoint_path
 from sae.config import fail, parse_value, script_knobs
 from sae.data import sha256_file
 from sae.files import activations_path
-from sae.report import read_record
+from sae.report import feature_table, read_record
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"extract": "extract_activations.py", "train": "train_sae.py", "interpret": "interpret_sae.py"}
@@ -203,3 +204,7 @@ if os.path.isfile(html):
     record = readable(read_report_record, html) or {}
     print(f"interpretation {csv} ({size(csv)}), {html} ({size(html)}): {record.get('n_described', 0)} of "
           f"{record.get('n_selected', 0)} selected features described by an LLM")
+    table = readable(pd.read_csv, csv) if os.path.isfile(csv) else None
+    if table is not None and {"neuron_idx", "prevalence", "interpretation"} <= set(table.columns):
+        print(f"\nSelected features ({len(table)}; share of examples active; description):")
+        print("\n".join(feature_table(zip(table.neuron_idx, table.prevalence, table.interpretation.astype(str)))))

@@ -37,6 +37,7 @@ from sae.stream import (MixingStream, NonFiniteActivations, ReconStats, count_to
 # ---- data
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
 TRAIN_TOKENS = "distinct"  # "distinct" (no attention sinks; positions shared by several examples once), "no_first", "all", "no_special", "assistant", "content"
+SHARED_COPIES = 16  # with "distinct": copies kept of each position that several examples share (1 = once)
 VAL_FRACTION = 0.1  # share of examples (not tokens) held out for validation, stratified by label
 # ---- model
 M = 256  # number of features (dictionary size)
@@ -73,7 +74,7 @@ if TRAIN_TOKENS not in TOKEN_SELECTIONS:
 prefixes = (MATRYOSHKA_PREFIXES or default_prefixes(M)) if USE_MATRYOSHKA else None
 aux_k = 2 * K if AUX_K is None else AUX_K
 for name, value, low in (("N_EPOCHS", N_EPOCHS, 1), ("BATCH_SIZE", BATCH_SIZE, 1), ("PATIENCE", PATIENCE, 1),
-                         ("DEAD_STEPS", DEAD_STEPS, 1)):
+                         ("DEAD_STEPS", DEAD_STEPS, 1), ("SHARED_COPIES", SHARED_COPIES, 1)):
     if value < low:
         fail(f"{name}={value} must be at least {low}")
 for name, value in (("LR", LR), ("GRAD_CLIP", GRAD_CLIP)):
@@ -105,7 +106,7 @@ train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, 
 if len(val_ids) == 0 or len(train_ids) == 0:
     fail(f"{ACTIVATIONS_PATH} has {acts.n_examples} examples, too few for a validation split with "
          f"VAL_FRACTION={VAL_FRACTION}; use more examples or a larger --val_fraction")
-selection = TokenSelection(acts, TRAIN_TOKENS, [train_ids, val_ids])  # each split keeps one copy of shared prefixes
+selection = TokenSelection(acts, TRAIN_TOKENS, [train_ids, val_ids], SHARED_COPIES)  # per split
 n_train, n_train_left = count_tokens(acts, train_ids, selection)
 n_val, n_val_left = count_tokens(acts, val_ids, selection)
 if n_train == 0 or n_val == 0:
@@ -203,7 +204,7 @@ def evaluate(model, acts, ids, selection, fused, device, full=False):
             sel = torch.from_numpy(rows.content).to(device)
             content.add(x[sel], [recons[-1][sel]], l0[sel])
             kind = np.where(rows.first, 0, np.asarray(rows.roles, dtype=np.int64) + 1)
-            kind[rows.repeated] = -1  # a copy of an earlier example's position: counted once
+            kind[rows.duplicate] = -1  # a copy of an earlier example's position: counted once
             for k, name in enumerate(TOKEN_KINDS):
                 sel = torch.from_numpy(kind == k).to(device)
                 kinds[name].add(x[sel], [recons[-1][sel]], l0[sel])

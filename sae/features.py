@@ -8,12 +8,12 @@ A feature whose activation mass lies mostly on template positions (chat template
 each distinct position counted once) is a template feature: it says what the format is, not the text.
 No file I/O here beyond reading the memory-mapped activations given to `example_features`.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .selection import TokenSelection, selected_rows
+from .selection import TokenSelection, selected_alone
 from .stream import eval_batches
 
 
@@ -62,8 +62,7 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
         row_ids = np.arange(first_row, first_row + len(x))
         example_of_row = np.searchsorted(acts.offsets, row_ids, side="right") - 1
         pos_in_example = row_ids - acts.offsets[example_of_row]
-        read = rows.content if tokens == "content" else \
-            selected_rows(selection.name, replace(rows, repeated=np.zeros_like(rows.repeated)))
+        read = rows.content if tokens == "content" else selected_alone(selection.name, rows)
         sum_ND.index_add_(0, torch.from_numpy(example_of_row[read]), x[torch.from_numpy(read)].double())
         np.add.at(count_N, example_of_row[read], 1)
         idx, vals = sae.encode_sparse(x.to(device))

@@ -91,6 +91,16 @@ def highlight(snippet: str) -> str:
     return _esc(snippet).replace("«", "<mark>").replace("»", "</mark>")
 
 
+def feature_table(rows, width: int = 140) -> list[str]:
+    """Console lines for (feature index, share of examples active, description) rows, as in
+    "Neuron 42 (15.3% active): describes reconsidering a previous decision"."""
+    lines = []
+    for f, prevalence, text in rows:
+        text = text if len(text) <= width else text[:width - 1] + "…"
+        lines.append(f"  Neuron {int(f):>5} ({100 * prevalence:5.1f}% active): {text}")
+    return lines
+
+
 RECORD_ID = "run-record"
 
 

@@ -57,18 +57,19 @@ def test_train_reports_lm_eval_and_token_kinds_that_add_up(tiny_model, tmp_path)
     run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}",
                f"--output_dir={tmp_path / 'acts'}", "--layer_idx=1")
     proc = run_script("train_sae.py", f"--activations_path={tmp_path / 'acts' / 'activations_layer1.npz'}", "--m=16",
-                      "--k=4", "--n_epochs=2", "--batch_size=64", "--eval_max_examples=2", cwd=tmp_path)
+                      "--k=4", "--n_epochs=2", "--batch_size=64", "--eval_max_examples=2", "--shared_copies=1", cwd=tmp_path)
     assert "ΔLM loss" in proc.stdout and "loss recovered" in proc.stdout and "first" in proc.stdout
     ckpt = torch.load(tmp_path / "checkpoints" / "cognitive_actions" / "SAE_M=16_K=4.pt", weights_only=True)
     lm_eval, kinds = ckpt["metrics"]["lm_eval"], ckpt["metrics"]["by_token_kind"]
     assert lm_eval["examples"] == 2 and lm_eval["ce_sae"] > 0 and "distinct" in lm_eval["replaced"]
-    # the default selection trains on each distinct position once; the kinds count each position once too, so
-    # the kinds but "first" are exactly the trained-on validation tokens
+    # with one copy, the selection trains on each distinct position once; the kinds count each position once
+    # too, so the kinds but "first" are exactly the trained-on validation tokens
     used = [k for name, k in kinds.items() if k["tokens"] and name != "first"]
     n = sum(k["tokens"] for k in used)
     assert n == ckpt["provenance"]["n_val_tokens"]
     assert sum(k["mse"] * k["tokens"] for k in used) / n == pytest.approx(ckpt["metrics"]["val_mse"], rel=1e-5)
-    assert sum(k["l0"] * k["tokens"] for k in used) / n == pytest.approx(4)
+    assert sum(k["l0"] * k["tokens"] for k in used) / n == pytest.approx(ckpt["metrics"]["l0"], rel=1e-6)
+    assert 3.5 < ckpt["metrics"]["l0"] <= 4
     assert kinds["first"]["tokens"] == 1, "every example starts with the same token: one distinct first position"
     content = ckpt["metrics"]["content"]
     assert 0 < content["tokens"] < n and ckpt["metrics"]["val_nmse_content"] == content["nmse"]

@@ -18,6 +18,9 @@ def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp
     first = run_script("run_pipeline.py", *args, cwd=tmp_path, env=env)
     assert first.stdout.count("skipped") == 0 and "==== summary" in first.stdout
     assert "val normalized MSE" in first.stdout and "5 selected features" in first.stdout
+    summary = first.stdout[first.stdout.index("==== summary"):]
+    table = summary[summary.index("Selected features (5;"):].splitlines()[1:]
+    assert len(table) == 5 and all("% active): From the data: " in line for line in table), "it ends with the table"
 
     f = np.load(tmp_path / "acts" / "activations_layer2.npz", allow_pickle=False)
     assert json.loads(str(f["meta"]))["n_examples"] == 40

@@ -15,13 +15,14 @@ from sae.stream import MixingStream, count_tokens, split_examples
 INSTRUCTION = 20  # tokens every example starts with
 
 
-def brute_force(seqs, ids, common):
+def brute_force(seqs, ids, common, copies):
     """(shared, repeated) by comparing every pair of examples."""
     def lcp(x, y):
         return next((p for p, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
     shared = [max((p for p in range(len(seqs[a]) + 1)
                    if sum(seqs[b][:p] == seqs[a][:p] for b in ids) >= common), default=0) for a in ids]
-    repeated = [max((lcp(seqs[a], seqs[b]) for b in ids if b < a), default=0) for a in ids]
+    repeated = [max((p for p in range(len(seqs[a]) + 1)
+                     if sum(lcp(seqs[a], seqs[b]) >= p for b in ids if b < a) >= copies), default=0) for a in ids]
     return np.array(shared), np.array(repeated)
 
 
@@ -34,9 +35,9 @@ def test_shared_prefixes_match_brute_force():
         token_ids = np.concatenate(seqs).astype(np.int32)
         offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
         ids = np.sort(rng.choice(n, rng.integers(1, n + 1), replace=False))
-        common = int(rng.integers(2, 4))
-        shared, repeated = shared_prefixes(token_ids, offsets, ids, common)
-        want_shared, want_repeated = brute_force(seqs, list(ids), common)
+        common, copies = int(rng.integers(2, 4)), int(rng.integers(1, 4))
+        shared, repeated = shared_prefixes(token_ids, offsets, ids, common, copies)
+        want_shared, want_repeated = brute_force(seqs, list(ids), common, copies)
         np.testing.assert_array_equal(shared, want_shared)
         np.testing.assert_array_equal(repeated, want_repeated)
 
@@ -77,18 +78,22 @@ def test_a_shared_instruction_is_trained_on_once(tmp_path):
     for row in instruction_rows:  # each instruction position exactly once in an epoch
         assert (np.abs(rows - row).max(1) == 0).sum() == 1
     assert len(rows) == count_tokens(acts, train_ids, selection)[0]
-    # the older selection sees the instruction in every example
+    # the older selection sees the instruction in every example; with copies=16, in 16 of them
     assert count_tokens(acts, train_ids, TokenSelection(acts, "no_first"))[0] == int((lengths - 1).sum())
+    capped = TokenSelection(acts, "distinct", [train_ids, val_ids], copies=16)
+    assert count_tokens(acts, train_ids, capped)[0] == 16 * (INSTRUCTION - 1) + int((lengths - INSTRUCTION).sum())
 
 
-def test_train_sae_trains_on_the_instruction_once(tmp_path):
+@pytest.mark.parametrize("copies", [1, 16])
+def test_train_sae_trains_on_the_instruction_a_bounded_number_of_times(tmp_path, copies):
     path = instruction_file(tmp_path / "acts.npz")
-    proc = run_script("train_sae.py", f"--activations_path={path}", "--m=8", "--k=2", "--n_epochs=1", "--eval_lm=False",
-                      "--export_saelens=False", "--val_fraction=0.2", cwd=tmp_path)
+    args = [f"--activations_path={path}", "--m=8", "--k=2", "--n_epochs=1", "--eval_lm=False", "--export_saelens=False",
+            "--val_fraction=0.2"] + ([f"--shared_copies={copies}"] if copies != 16 else [])  # 16: the default
+    proc = run_script("train_sae.py", *args, cwd=tmp_path)
     acts = open_activations(path)
     train_ids, _ = split_examples(acts.n_examples, acts.labels, 0.2, 0)
     own = int((acts.offsets[train_ids + 1] - acts.offsets[train_ids] - INSTRUCTION).sum())
-    assert f"Train: {len(train_ids)} examples, {INSTRUCTION - 1 + own} tokens" in proc.stdout
+    assert f"Train: {len(train_ids)} examples, {copies * (INSTRUCTION - 1) + own} tokens" in proc.stdout
 
 
 def test_a_feature_firing_only_on_the_shared_prefix_is_template(tmp_path):
