@@ -399,7 +399,8 @@ if EVAL_LM:
         t0 = time.time()
         lm_metrics = lm.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
                                     EVAL_BATCH_TOKENS)
-        lm_metrics["replaced"] = f"{TRAIN_TOKENS} tokens of each example ({selection.description}); others keep the model's output"
+        lm_metrics["replaced"] = (f"the tokens TRAIN_TOKENS={TRAIN_TOKENS!r} selects within each example on its own "
+                                  f"(for 'distinct': all but the first); others keep the model's output")
         metrics["lm_eval"] = lm_metrics
         del model
         print(f"LM evaluation on {len(examples)} validation examples ({lm_metrics['predictions']} next-token "
