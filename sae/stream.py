@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .activations import Activations
 from .selection import TokenSelection
 
+
 class NonFiniteActivations(Exception):
     pass
 
