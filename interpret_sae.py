@@ -31,7 +31,7 @@ import pandas as pd
 from sae import lm
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
-from sae.config import configure, fail
+from sae.config import configure, fail, redacted
 from sae.data import sha256_file
 from sae.files import NO_SPACE, Busy, lock_output, text_writer, unwritable, write_all_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
@@ -330,10 +330,10 @@ metrics = dict(ckpt.get("metrics", {}))
 label_note = (f"{len(covered)} of {len(label_names)} labels are some feature's own best label at AUROC ≥ 0.8 "
               f"(per-example maxima over {INTERPRET_TOKENS} tokens)" if labels is not None else None)
 html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
-              {"interpret": config, "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
+              {"interpret": redacted(config), "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
               metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note,
               template_rows=template_rows, label_note=label_note,
-              record={"config": config, "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
+              record={"config": redacted(config), "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
                       "llm": chat.url if chat else None, "n_described": n_described,
                       "n_selected": len(selected)})
 try:  # both outputs, or neither: an old report never sits beside a new CSV

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from sae.checkpoint import checkpoint_path
-from sae.config import fail, parse_value, script_knobs
+from sae.config import fail, parse_value, redacted, script_knobs
 from sae.data import sha256_file
 from sae.files import activations_path
 from sae.report import feature_table, read_record
@@ -145,7 +145,7 @@ def up_to_date(step) -> str | None:
         record = readable(read_report_record, html) or {}
         llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
                        or os.environ.get("OPENAI_API_KEY"))
-        if same(record.get("config"), wanted("interpret")) and record.get("checkpoint_sha256") == \
+        if same(record.get("config"), redacted(wanted("interpret"))) and record.get("checkpoint_sha256") == \
                 sha256_file(ckpt_path) and record.get("dataset_sha256") == sha256_file(dataset) and \
                 (record.get("llm") is not None) == llm_now and \
                 (not llm_now or record.get("n_described") == record.get("n_selected")):  # finished its work

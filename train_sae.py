@@ -74,7 +74,8 @@ if TRAIN_TOKENS not in TOKEN_SELECTIONS:
 prefixes = (MATRYOSHKA_PREFIXES or default_prefixes(M)) if USE_MATRYOSHKA else None
 aux_k = 2 * K if AUX_K is None else AUX_K
 for name, value, low in (("N_EPOCHS", N_EPOCHS, 1), ("BATCH_SIZE", BATCH_SIZE, 1), ("PATIENCE", PATIENCE, 1),
-                         ("DEAD_STEPS", DEAD_STEPS, 1), ("SHARED_COPIES", SHARED_COPIES, 1)):
+                         ("DEAD_STEPS", DEAD_STEPS, 1), ("SHARED_COPIES", SHARED_COPIES, 1),
+                         ("EVAL_MAX_EXAMPLES", EVAL_MAX_EXAMPLES, 1), ("EVAL_BATCH_TOKENS", EVAL_BATCH_TOKENS, 1)):
     if value < low:
         fail(f"{name}={value} must be at least {low}")
 for name, value in (("LR", LR), ("GRAD_CLIP", GRAD_CLIP)):

@@ -15,6 +15,20 @@ import ast
 import json
 import re
 import sys
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact(url: str) -> str:
+    """The URL without the user name and password it may carry (user:password@host)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def redacted(config: dict) -> dict:
+    """The config as it may be printed or stored in a report: credentials in URL settings redacted."""
+    return {k: redact(v) if isinstance(v, str) and "://" in v else v for k, v in config.items()}
 
 
 class ConfigError(Exception):
@@ -123,5 +137,5 @@ def configure(namespace: dict, argv: list[str] | None = None, also: dict | None 
         fail(str(e))
     namespace.update(overrides)
     config = {k: namespace[k] for k in defaults}
-    print("config: " + json.dumps(config, default=str), flush=True)
+    print("config: " + json.dumps(redacted(config), default=str), flush=True)
     return config

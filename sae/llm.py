@@ -11,19 +11,12 @@ import os
 import random
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
+
+from .config import redact
 
 
 class AuthenticationFailed(Exception):
     """The server refused the key (401/403): every further request would be refused too."""
-
-
-def redact(url: str) -> str:
-    """The URL without the user name and password it may carry (user:password@host)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def cache_key(model: str, messages: list[dict], params: dict) -> str:
