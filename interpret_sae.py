@@ -240,9 +240,11 @@ if api_key or base_url:
                       RETRY_BASE_S)
     print(f"LLM: {OPENAI_MODEL} describes, {ANNOTATOR_MODEL} scores, at {chat.url}")
     try:  # descriptions of the selected features, then their scores on held-out examples
+        describe = lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60)  # noqa: E731
+        if selected:  # the first request alone: a refused key stops here, not after N_WORKERS requests
+            describe(selected[0])
         with ThreadPoolExecutor(N_WORKERS) as pool:
-            answers = dict(zip(selected, pool.map(
-                lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60), selected)))
+            answers = dict(zip(selected, pool.map(describe, selected)))  # the first from the cache
             for f, answer in answers.items():
                 if answer:
                     features[f].update(interpretation=answer, source="llm")

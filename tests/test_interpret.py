@@ -273,10 +273,11 @@ def test_a_refused_key_ends_with_one_sentence_and_no_outputs(tmp_path, trained):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert "refused the API key (401); set OPENAI_API_KEY to a valid key" in proc.stderr
         assert "secret" not in proc.stdout + proc.stderr, "credentials in the URL are never printed"
+        assert len(server.log) == 1 and not (tmp_path / "interpretations.csv").exists()
         flag = interpret(tmp_path, trained, f"--openai_base_url={server.url.replace('http://', 'http://u:secret@')}",
                          check=False)
         assert "secret" not in flag.stdout + flag.stderr and "http://***@127.0.0.1" in flag.stdout
-        assert len(server.log) == 1 and not (tmp_path / "interpretations.csv").exists()
+        assert len(server.log) == 2
     finally:
         server.close()
 
