@@ -4,6 +4,7 @@ Every output is written under a temporary name in its own folder and then rename
 file is always complete; the temporary file is removed when writing fails. Outputs get the permissions
 the umask gives a new file, whatever the library that wrote them chose.
 """
+import atexit
 import os
 
 
@@ -57,7 +58,14 @@ class Busy(Exception):
     """Another process holds the lock of an output; the message says which and what to do."""
 
 
-_held = []  # open lock files: a lock lasts as long as the process (the OS drops it on exit, even on a kill)
+def _release(f, path: str):
+    """At a normal exit: remove the lock file, then let the lock go (a killed process leaves the file, not
+    the lock: the OS drops that)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+    f.close()
 
 
 def lock_path(path: str) -> str:
@@ -81,7 +89,7 @@ def lock_output(path: str):
         f.close()
         raise Busy(f"another run is writing {path} right now (it holds {lock_path(path)}); wait for it to finish "
                    f"or choose another output") from None
-    _held.append(f)
+    atexit.register(_release, f, lock_path(path))
 
 
 def unwritable(folder: str) -> str | None:

@@ -174,7 +174,7 @@ BAD_DATA = {
     "empty_text": ('{"text": "   "}', "line 1 has an empty or non-string 'text'"),
     "bad_role": ('{"messages": [{"role": "tool", "content": "x"}]}', "message 0 has role 'tool'"),
     "latin1": ('{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "fine"}'.encode("latin-1"),
-               "line 2 is not UTF-8 text (byte 15 of the line)"),
+               "line 2 is not UTF-8 text (byte 14 of the line)"),
     "unterminated": ('{"text": "fine"}\n{"text": "oops}', "(Unterminated string starting at column 10)"),
 }
 

@@ -306,5 +306,5 @@ def test_a_full_disk_leaves_both_old_outputs(tmp_path, trained):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "the previous outputs are unchanged" in proc.stderr
     assert ((tmp_path / "interpretations.csv").read_bytes(), (tmp_path / "report.html").read_bytes()) == old
-    assert sorted(os.listdir(tmp_path)) == sorted(["interpretations.csv", "report.html", ".interpretations.csv.lock"])
+    assert sorted(os.listdir(tmp_path)) == sorted(["interpretations.csv", "report.html"])
 
