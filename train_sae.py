@@ -149,8 +149,8 @@ fused, no_fused = fused_step.load() if device.type == "cpu" else (None, None)  #
 start_epoch, best_loss, best_state, bad_epochs, history = 0, math.inf, None, 0, []
 if RESUME:
     try:
-        ckpt = torch.load(unfinished_path(path) if os.path.exists(unfinished_path(path)) else path,
-                          map_location=device, weights_only=True)
+        resume_from = unfinished_path(path) if os.path.exists(unfinished_path(path)) else path
+        ckpt = torch.load(resume_from, map_location=device, weights_only=True)
     except FileNotFoundError:
         fail(f"RESUME=True but {path} does not exist; drop --resume or check RUN_NAME, M and K")
     except Exception as e:
