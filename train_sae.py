@@ -28,8 +28,7 @@ from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
 from sae.files import NO_SPACE, Busy, lock_output, unwritable, write_text_atomic
-from sae.features import auroc, example_features, labels_covered
-from sae.probe import probe_accuracy
+from sae.features import label_metrics
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
 from sae.stream import (MixingStream, NonFiniteActivations, ReconStats, count_tokens, eval_batches, init_sample,
                         split_examples)
@@ -218,26 +217,6 @@ def evaluate(model, acts, ids, selection, fused, device, full=False):
         out["by_token_kind"] = {name: {k: v for k, v in s.result().items() if k != "prefix_nmse"}
                                 for name, s in kinds.items()}
     return out
-
-
-def label_metrics(sae, acts, train_ids, val_ids, selection_name, device, threshold=0.8):
-    """What the features say about the labels: the labels that are some feature's own best label at
-    AUROC >= threshold (per-example maxima over content tokens, all examples), and a linear probe on
-    those maxima against the same probe on mean-pooled raw activations (fitted on the training
-    examples, scored on the validation examples)."""
-    ex = example_features(sae, acts, TokenSelection(acts, selection_name), "content", device)
-    auroc_LM, names = auroc(ex.max_NM, acts.labels)
-    covered = labels_covered(auroc_LM, names, threshold)
-    best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.5) if len(names) else np.zeros(0)
-    y = acts.labels
-    sae_probe = probe_accuracy(ex.max_NM[train_ids], y[train_ids], ex.max_NM[val_ids], y[val_ids])
-    raw_probe = probe_accuracy(ex.mean_ND[train_ids], y[train_ids], ex.mean_ND[val_ids], y[val_ids])
-    return {"n_labels": len(names), "auroc_threshold": threshold, "labels_covered": len(covered),
-            "covered": covered, "mean_best_auroc": float(best.mean()) if len(best) else None,
-            "probe_sae_accuracy": sae_probe["accuracy"], "probe_raw_accuracy": raw_probe["accuracy"],
-            "probe_ratio": sae_probe["accuracy"] / raw_probe["accuracy"] if raw_probe["accuracy"] else None,
-            "probe_chance": sae_probe["chance"], "probe_train_examples": sae_probe["n_train"],
-            "probe_val_examples": sae_probe["n_test"]}
 
 
 def fail_if_full(error: OSError, path: str):

@@ -32,8 +32,7 @@ from peer import load_hypothesaes  # noqa: E402
 from sae.activations import open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
 from sae.data import sha256_file  # noqa: E402
-from sae.features import auroc, example_features, labels_covered  # noqa: E402
-from sae.probe import probe_accuracy  # noqa: E402
+from sae.features import label_metrics  # noqa: E402
 from sae.selection import TokenSelection  # noqa: E402
 from sae.stream import eval_batches, split_examples  # noqa: E402
 
@@ -63,18 +62,15 @@ class Theirs:
 
 
 def measure(sae, recon, acts, train_ids, val_ids):
-    ex = example_features(sae, acts, TokenSelection(acts, "distinct"), "content")
-    auroc_LM, names = auroc(ex.max_NM, acts.labels)
-    y = acts.labels
-    probe = probe_accuracy(ex.max_NM[train_ids], y[train_ids], ex.max_NM[val_ids], y[val_ids])["accuracy"]
+    """train_sae.py's label metrics (the same function) and the content normalized MSE on validation."""
+    lab = label_metrics(sae, acts, train_ids, val_ids, "distinct", "cpu")
     content = TokenSelection(acts, "content", [val_ids])
     x = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, content)])
     with torch.no_grad():
         err = (x.double() - recon(x).double()).pow(2).sum()
     nmse = float(err / (x.double() - x.double().mean(0)).pow(2).sum())
-    return {"covered": len(labels_covered(auroc_LM, names)), "n_labels": len(names), "probe": probe,
-            "mean_best_auroc": float(np.nan_to_num(np.nanmax(auroc_LM, 0), nan=0.5).mean()), "content_nmse": nmse,
-            "ex": ex}
+    return {"covered": lab["labels_covered"], "n_labels": lab["n_labels"], "probe": lab["probe_sae_accuracy"],
+            "raw": lab["probe_raw_accuracy"], "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
 
 
 def one_seed(acts_path, work, seed):
@@ -99,8 +95,7 @@ def one_seed(acts_path, work, seed):
     model.eval()
     a = measure(ours, ours, acts, train_ids, val_ids)
     b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids)
-    raw = probe_accuracy(a["ex"].mean_ND[train_ids], acts.labels[train_ids], a["ex"].mean_ND[val_ids],
-                         acts.labels[val_ids])["accuracy"]
+    raw = a["raw"]  # the same for both: mean-pooled activations of the same examples
     print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), {len(val_ids)} validation "
           f"examples, raw probe {100 * raw:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):

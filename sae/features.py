@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .probe import probe_accuracy
 from .selection import TokenSelection, selected_alone
 from .stream import eval_batches
 
@@ -156,11 +157,9 @@ def distinctive_tokens(peak_token_ids: np.ndarray, token_counts: dict, n_tokens:
     return [(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(t)]), c) for _, c, t in scored[:top]]
 
 
-TEMPLATE_SHARE = 0.5  # a feature with at least this share of its activation mass on template positions
-
-
-def template_features(ex: ExampleFeatures, share: float = TEMPLATE_SHARE) -> np.ndarray:
-    """Boolean (M,): the features that fire mainly on template positions (chat template, shared prefixes)."""
+def template_features(ex: ExampleFeatures, share: float) -> np.ndarray:
+    """Boolean (M,): the features with at least `share` of their activation mass on template positions
+    (chat template, shared prefixes): those that fire mainly there."""
     return np.nan_to_num(ex.template_share_M, nan=0.0) >= share
 
 
@@ -208,3 +207,23 @@ def data_description(label: str | None, label_auroc: float | None, top_tokens: l
     if example:
         parts.append(f"e.g. “{example}”")
     return "From the data: " + ("; ".join(parts) if parts else "no label association and no repeated peak token")
+
+
+def label_metrics(sae, acts, train_ids, val_ids, selection_name, device, threshold=0.8):
+    """What the features say about the labels: the labels that are some feature's own best label at
+    AUROC >= threshold (per-example maxima over content tokens, all examples), and a linear probe on
+    those maxima against the same probe on mean-pooled raw activations (fitted on the training
+    examples, scored on the validation examples)."""
+    ex = example_features(sae, acts, TokenSelection(acts, selection_name), "content", device)
+    auroc_LM, names = auroc(ex.max_NM, acts.labels)
+    covered = labels_covered(auroc_LM, names, threshold)
+    best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.5) if len(names) else np.zeros(0)
+    y = acts.labels
+    sae_probe = probe_accuracy(ex.max_NM[train_ids], y[train_ids], ex.max_NM[val_ids], y[val_ids])
+    raw_probe = probe_accuracy(ex.mean_ND[train_ids], y[train_ids], ex.mean_ND[val_ids], y[val_ids])
+    return {"n_labels": len(names), "auroc_threshold": threshold, "labels_covered": len(covered),
+            "covered": covered, "mean_best_auroc": float(best.mean()) if len(best) else None,
+            "probe_sae_accuracy": sae_probe["accuracy"], "probe_raw_accuracy": raw_probe["accuracy"],
+            "probe_ratio": sae_probe["accuracy"] / raw_probe["accuracy"] if raw_probe["accuracy"] else None,
+            "probe_chance": sae_probe["chance"], "probe_train_examples": sae_probe["n_train"],
+            "probe_val_examples": sae_probe["n_test"]}

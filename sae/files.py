@@ -1,4 +1,5 @@
-"""Where outputs go and how they are written: one naming rule for activation files, and one atomic write.
+"""Where outputs go and how they are written: one naming rule for activation files, one atomic write,
+one lock per output, and the checks made before a step's work starts (writable folder, full disk).
 
 Every output is written under a temporary name in its own folder and then renamed, so a finished-looking
 file is always complete; the temporary file is removed when writing fails. Outputs get the permissions
@@ -6,6 +7,7 @@ the umask gives a new file, whatever the library that wrote them chose.
 """
 import atexit
 import os
+import tempfile
 
 
 def activations_path(output_dir: str, layer: int) -> str:
@@ -94,7 +96,6 @@ def lock_output(path: str):
 
 def unwritable(folder: str) -> str | None:
     """None when files can be created in `folder` (made if missing), else the reason (the OS's words)."""
-    import tempfile
     try:
         os.makedirs(folder or ".", exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder or "."):

@@ -64,7 +64,7 @@ def shared_prefixes(token_ids: np.ndarray, offsets: np.ndarray, example_ids: np.
     shared, repeated = lengths.copy(), lengths.copy()  # settled below for examples that leave early
     alive = np.arange(n)  # positions (into example_ids) of examples whose prefix so far is shared
     group = np.zeros(n, dtype=np.int64)  # id of the class of equal prefixes, for the alive examples
-    is_min = np.zeros(n, dtype=bool)  # whether the example is among its class's first `copies` (settles repeated_N)
+    kept = np.zeros(n, dtype=bool)  # whether the example is among its class's first `copies` (settles repeated_N)
     settled = np.zeros(n, dtype=bool)  # whether shared_N is settled
     for p in range(int(lengths.max(initial=0))):
         alive = alive[lengths[alive] > p]
@@ -80,9 +80,9 @@ def shared_prefixes(token_ids: np.ndarray, offsets: np.ndarray, example_ids: np.
         run_starts = np.flatnonzero(np.r_[True, np.diff(group_of[order]) != 0])
         rank = np.empty(len(order), dtype=np.int64)  # place of each example among its class's, earliest 0
         rank[order] = np.arange(len(order)) - np.repeat(run_starts, np.diff(np.r_[run_starts, len(order)]))
-        newly = (rank < copies) & ~is_min[alive]
+        newly = (rank < copies) & ~kept[alive]
         repeated[alive[newly]] = p
-        is_min[alive[newly]] = True
+        kept[alive[newly]] = True
         group[alive] = group_of
         alive = alive[~alone]
     return shared, repeated
