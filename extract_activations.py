@@ -22,12 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae import dist
+from sae import chat, dist, forward, lm, runtime
 from sae.activations import StreamingNpzWriter, open_activations
 from sae.config import configure, fail
 from sae.files import NO_SPACE, Busy, activations_path, lock_output, unwritable, write_text_atomic
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
-from sae import lm
 
 # ---- model
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # Hugging Face id (from the local cache), a local folder, or a .gguf file
@@ -77,19 +76,19 @@ except DatasetError as e:
 dataset_sha256 = sha256_file(DATASET_PATH)
 
 # ---- model config and tokenizer (the weights come after the cheap checks)
-device = lm.pick_device(DEVICE)
+device = runtime.pick_device(DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, and the process group
-dtype = lm.pick_dtype(DTYPE, device)
+dtype = runtime.pick_dtype(DTYPE, device)
 if device.type == "cpu":
-    lm.keep_freed_memory()
+    runtime.keep_freed_memory()
 try:
-    where = lm.resolve_model(MODEL_NAME, CACHE_DIR)
+    location = lm.resolve_model(MODEL_NAME, CACHE_DIR)
 except lm.ModelNotFound as e:
     fail(str(e))
 try:
-    model_config = lm.load_config(where)
+    model_config = lm.load_config(location)
 except Exception as e:  # transformers and gguf raise many types for a damaged or foreign file
     fail(lm.unloadable(MODEL_NAME, e))
 n_blocks = lm.n_layers(model_config)
@@ -98,18 +97,18 @@ if bad:
     fail(f"LAYER_IDX={LAYER_IDX} is out of range for {MODEL_NAME}, which has {n_blocks} decoder blocks; "
          f"use 0..{n_blocks - 1}")
 try:
-    tokenizer = lm.load_tokenizer(where)
+    tokenizer = lm.load_tokenizer(location)
 except Exception as e:
     fail(lm.unloadable(MODEL_NAME, e))
 if not tokenizer.is_fast:
     fail(f"the tokenizer of {MODEL_NAME} is not a fast tokenizer, which is needed to tell template tokens "
          f"from content; use a model with a tokenizer.json")
-use_template = CHAT_TEMPLATE and lm.warn_no_template(tokenizer)
+use_template = CHAT_TEMPLATE and chat.warn_no_template(tokenizer)
 
 ids_per_example, roles_per_example, labels, example_index = [], [], [], []
 n_cut_examples = n_cut_tokens = 0
 for line_index, messages, label in iter_examples(DATASET_PATH, TEXT_FIELD, label_field):
-    ids, roles, cut = lm.tokenize_example(tokenizer, messages, use_template, MAX_LENGTH)
+    ids, roles, cut = chat.tokenize_example(tokenizer, messages, use_template, MAX_LENGTH)
     ids_per_example.append(ids)
     roles_per_example.append(roles)
     labels.append(label)
@@ -121,7 +120,7 @@ offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 n_tokens = int(offsets[-1])
 d_model = int(getattr(model_config, "text_config", model_config).hidden_size)
 
-print(f"Model: {MODEL_NAME} ({where['source']}), {n_blocks} blocks, hidden dimension {d_model}, "
+print(f"Model: {MODEL_NAME} ({location.source}), {n_blocks} blocks, hidden dimension {d_model}, "
       f"{dtype} on {device}")
 print(f"Layers: {', '.join(map(str, layers))} (output of decoder block; resid_post)")
 print(f"Examples: {n_examples} from {DATASET_PATH} (labels: {label_field or 'none'}), chat template "
@@ -154,7 +153,7 @@ store_dtype = np.dtype(STORE_DTYPE)
 
 def small_arrays(a, b, layer):
     """Everything but the activations of `layer` for examples a:b, offsets counted from a."""
-    meta = {"model": MODEL_NAME, "model_source": where["source"], "n_layers": n_blocks, "hidden_size": d_model,
+    meta = {"model": MODEL_NAME, "model_source": location.source, "n_layers": n_blocks, "hidden_size": d_model,
             "dtype": str(dtype).replace("torch.", ""), "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH,
             "chat_template": use_template, "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256,
             "text_field": TEXT_FIELD, "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
@@ -201,7 +200,7 @@ if progress != "finished":
     # ---- load the weights and run
     t0 = time.time()
     try:
-        model = lm.load_model(where, device, dtype, DEVICE_MAP)
+        model = lm.load_model(location, device, dtype, DEVICE_MAP)
     except Exception as e:
         fail(lm.unloadable(MODEL_NAME, e))
     print(f"Loaded weights in {time.time() - t0:.1f}s")
@@ -218,10 +217,10 @@ if progress != "finished":
             end = min(max(end, start + 1), last)
             base = int(offsets[start])
             window = {L: np.empty((int(offsets[end]) - base, d_model), dtype=store_dtype) for L in layers}
-            for batch in lm.length_batches(lengths[start:end], BATCH_TOKENS):
+            for batch in forward.length_batches(lengths[start:end], BATCH_TOKENS):
                 batch = batch + start
-                input_ids, mask = lm.pad_right([ids_per_example[i] for i in batch], pad_id)
-                hidden = lm.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
+                input_ids, mask = forward.pad_right([ids_per_example[i] for i in batch], pad_id)
+                hidden = forward.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
                 for L in layers:
                     h = hidden[L].float().cpu().numpy()
                     for row, i in enumerate(batch):

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from sae import lm
+from sae import lm, runtime
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
 from sae.config import configure, fail, redacted
@@ -82,7 +82,7 @@ try:
     lock_output(OUTPUT_CSV)  # one interpretation writing these outputs at a time
 except Busy as e:
     fail(str(e))
-device = lm.pick_device(DEVICE)
+device = runtime.pick_device(DEVICE)
 ckpt_path = SAE_CHECKPOINT or checkpoint_path(RUN_NAME, M, K)
 try:
     sae, ckpt = load_checkpoint(ckpt_path, device)

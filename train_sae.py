@@ -21,17 +21,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sae import dist, fused as fused_step, lm
+from sae import dist, lm, lm_eval, runtime
 from sae.activations import ActivationFileError, open_activations
-from sae.checkpoint import FORMAT, checkpoint_path, save_atomic, unfinished_path
+from sae.checkpoint import FORMAT, checkpoint_path, save_checkpoint, unfinished_path
 from sae.config import configure, fail
 from sae.data import sha256_file
-from sae.model import SparseAutoencoder, check_config, default_prefixes, sae_loss
+from sae.metrics import reconstruction_metrics
+from sae.model import SparseAutoencoder, check_config, default_prefixes
 from sae.files import NO_SPACE, Busy, lock_output, unwritable, write_text_atomic
 from sae.features import label_metrics
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
-from sae.stream import (MixingStream, NonFiniteActivations, ReconStats, count_tokens, eval_batches, init_sample,
-                        split_examples)
+from sae.step import pick_step
+from sae.stream import MixingStream, NonFiniteActivations, count_tokens, init_sample, split_examples
 
 # ---- data
 ACTIVATIONS_PATH = "activations/activations_layer12.npz"  # written by extract_activations.py
@@ -82,17 +83,12 @@ for name, value in (("LR", LR), ("GRAD_CLIP", GRAD_CLIP)):
         fail(f"{name}={value} must be positive (e.g. --lr=5e-4, --grad_clip=1.0)")
 if not 0 < VAL_FRACTION < 1:
     fail(f"VAL_FRACTION={VAL_FRACTION} must be between 0 and 1 (e.g. 0.1)")
-device = lm.pick_device(DEVICE)
+device = runtime.pick_device(DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
 device = dist.setup(device)  # under torchrun: this process's GPU, the process group, and quiet ranks > 0
 rank, world = dist.rank(), dist.world()
-# a step's buffers (a few MiB) stay on the heap for reuse, larger blocks are mapped and unmapped. Left to
-# itself glibc raises this threshold to the largest block freed so far; evaluation chunks of varying size
-# then came from the heap and fragmented it, so memory grew with the file. On a CPU evaluation reads
-# chunks below the threshold (heap reuse, no page faults).
-MMAP_THRESHOLD = 4 << 20
-lm.set_malloc(mmap_threshold=MMAP_THRESHOLD, trim_threshold=1 << 30)
+runtime.keep_training_memory_bounded()
 
 # ---- data
 try:
@@ -144,7 +140,7 @@ sae.init_from_data(sample)
 mean_activation_D = sample.mean(0)  # for the mean-ablation baseline of the LM evaluation
 sae.to(device)
 optimizer = torch.optim.Adam(sae.parameters(), lr=LR, fused=device.type in ("cpu", "cuda"))
-fused, no_fused = fused_step.load() if device.type == "cpu" else (None, None)  # the C step (sae/sae_step.c)
+step, no_c_step = pick_step(device)  # on a CPU the C step (sae/sae_step.c) where it can be built
 start_epoch, best_loss, best_state, bad_epochs, history = 0, math.inf, None, 0, []
 if RESUME:
     try:
@@ -171,54 +167,6 @@ if RESUME:
     print(f"Resuming {path} after epoch {start_epoch}")
 
 
-TOKEN_KINDS = ("first", "special", "system", "user", "assistant")  # role codes 0..3, and each example's first token
-
-
-def evaluate(model, acts, ids, selection, fused, device, full=False):
-    """Reconstruction metrics on the selected tokens of the given examples (the per-epoch validation);
-    with full, also on the left-out tokens, on content tokens, on all tokens split by kind (each position
-    shared by several examples once), and which features fired."""
-    model.eval()
-    kept, left = ReconStats(acts.d, len(model.prefixes)), ReconStats(acts.d, len(model.prefixes))
-    content = ReconStats(acts.d)
-    kinds = {kind: ReconStats(acts.d) for kind in TOKEN_KINDS}
-    fired = torch.zeros(model.m, dtype=torch.bool, device=device)
-    with torch.no_grad():
-        # on a CPU, chunks stay below the malloc mmap threshold (heap reuse, no page faults)
-        chunk_tokens = 1 << 13 if device.type == "cuda" else max(64, MMAP_THRESHOLD // 2 // (4 * acts.d))
-        for x, keep, rows in eval_batches(acts, ids, selection, chunk_tokens):
-            x, keep = x.to(device), keep.to(device)
-            if not full:  # the trained-on tokens' errors, without building reconstructions
-                x = x[keep]
-                if not len(x):
-                    continue
-                out = sae_loss(model, x, fused=fused)
-                kept.add_errors(x, (out["sse"] / model.scale.double() ** 2).tolist(), (out["vals"] > 0).sum(1))
-                continue
-            idx, vals = model.encode_sparse(x)
-            recons = [r / model.scale for r in model.decode_prefixes(idx, vals)]
-            l0 = (vals > 0).sum(1)
-            kept.add(x[keep], [r[keep] for r in recons], l0[keep])
-            left.add(x[~keep], [r[~keep] for r in recons], l0[~keep])
-            fired[idx[keep][vals[keep] > 0]] = True
-            sel = torch.from_numpy(rows.content).to(device)
-            content.add(x[sel], [recons[-1][sel]], l0[sel])
-            kind = np.where(rows.first, 0, np.asarray(rows.roles, dtype=np.int64) + 1)
-            kind[rows.duplicate] = -1  # a copy of an earlier example's position: counted once
-            for k, name in enumerate(TOKEN_KINDS):
-                sel = torch.from_numpy(kind == k).to(device)
-                kinds[name].add(x[sel], [recons[-1][sel]], l0[sel])
-    model.train()
-    out = kept.result()
-    if full:
-        out["never_fired_ratio"] = 1 - fired.float().mean().item()
-        out["left_out"] = left.result()
-        out["content"] = {k: v for k, v in content.result().items() if k != "prefix_nmse"}
-        out["by_token_kind"] = {name: {k: v for k, v in s.result().items() if k != "prefix_nmse"}
-                                for name, s in kinds.items()}
-    return out
-
-
 def fail_if_full(error: OSError, path: str):
     """One sentence and exit 2 when a write failed for want of space; other errors are left to the caller."""
     if error.errno in NO_SPACE:
@@ -226,30 +174,17 @@ def fail_if_full(error: OSError, path: str):
              f"--resume=True while training was unfinished): every file written so far is complete")
 
 
-def checkpoint(epoch, finished, metrics=None):
-    if rank > 0:  # only rank 0 writes; every process holds the same weights
-        return
-    ckpt = {"format": FORMAT, "config": config, "sae_config": sae.config, "state_dict": best_state,
-            "provenance": provenance, "history": history, "epoch": epoch, "metrics": metrics or {}}
-    if not finished:  # beside the finished checkpoint, which stays until this run is finished too
-        ckpt["resume"] = {"state_dict": sae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                          "best_loss": best_loss, "bad_epochs": bad_epochs}
-        save_atomic(ckpt, unfinished_path(path))
-        return
-    save_atomic(ckpt, path)
-    if os.path.exists(unfinished_path(path)):
-        os.remove(unfinished_path(path))
-
-
 # ---- training
 print(f"SAE: M={M}, K={K}, {'BatchTopK' if USE_BATCH_TOPK else 'TopK'}, Matryoshka prefixes {prefixes}, "
-      f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}{', fused C step' if fused else ''}")
-if no_fused:
-    print(f"Note: {no_fused}; training uses the PyTorch step (same results, about half the speed on a CPU)")
+      f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}, {step.name} training step")
+if no_c_step:
+    print(f"Note: {no_c_step}; training uses the PyTorch step (same results, about half the speed on a CPU)")
 steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
 if world > 1:  # data parallel: gradients, dead-feature counters and BatchTopK thresholds are combined below
     print(f"Data parallel over {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): effective batch "
           f"{BATCH_SIZE * world} tokens per step (BATCH_SIZE={BATCH_SIZE} per process), LR {LR}")
+run_record = {"format": FORMAT, "config": config, "sae_config": sae.config, "provenance": provenance}
+chunk_tokens = runtime.eval_chunk_tokens(device, acts.d)
 gc.freeze()  # what exists now (modules, data, model) is never garbage: collections during training skip it
 t_start, tokens_seen = time.time(), 0
 autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16 and device.type == "cuda")
@@ -264,25 +199,20 @@ try:
         for x in tqdm(batches, total=steps_per_epoch // world, desc=f"epoch {epoch + 1}", leave=False,
                       disable=rank > 0 or None):
             x = x.to(device, non_blocking=True)
-            out = sae_loss(sae, x, sae.dead_mask(), backward=True, autocast=autocast, fused=fused)
-            grad_norm = out["grad_norm"]  # decoder gradients are already tangent to the unit-norm rows
+            out = step(sae, x, sae.dead_mask(), backward=True, autocast=autocast)
+            grad_norm = out.grad_norm  # decoder gradients are already tangent to the unit-norm rows
             if world > 1:
                 for p in sae.parameters():
                     dist.average_(p.grad)
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()])
-            if fused is not None:  # clipping, Adam and the unit-norm decoder rows in one pass per parameter
-                fused.adam_step(optimizer, GRAD_CLIP, grad_norm, unit_rows=[sae.W_dec_MD])
-            else:
-                torch.nn.utils.clip_grads_with_norm_(sae.parameters(), GRAD_CLIP, grad_norm)
-                optimizer.step()
-                sae.normalize_decoder()
-            sae.update_dead(out["fired"], dist.any_process if world > 1 else None)
+            step.update(sae, optimizer, GRAD_CLIP, grad_norm)
+            sae.update_dead(out.fired, dist.any_process if world > 1 else None)
             if USE_BATCH_TOPK and world > 1:
                 dist.average_(sae.threshold)
-            loss_sum += out["loss"]
+            loss_sum += out.loss
             n_steps += 1
             tokens_seen += len(x) * world
-        val = evaluate(sae, acts, val_ids, selection, fused, device)
+        val = reconstruction_metrics(sae, acts, val_ids, selection, step, device, chunk_tokens)
         val_loss = float(np.mean([math.nan if v is None else v for v in val["prefix_nmse"]]))
         dead_ratio = sae.dead_mask().float().mean().item()
         loss_sum, n_steps = dist.all_reduce([loss_sum.item(), n_steps])
@@ -306,7 +236,10 @@ try:
         print(f"Epoch {epoch + 1}/{N_EPOCHS}: train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
               f"dead_ratio={dead_ratio:.3f}{' *' if improved else ''}", flush=True)
         stop = bad_epochs >= PATIENCE
-        checkpoint(epoch + 1, finished=False)
+        if rank == 0:  # the only writer; every process holds the same weights
+            save_checkpoint(path, {**run_record, "state_dict": best_state, "history": history, "epoch": epoch + 1},
+                            resume={"state_dict": sae.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "epoch": epoch + 1, "best_loss": best_loss, "bad_epochs": bad_epochs})
         if stop:
             print(f"Early stopping: no better validation loss for {PATIENCE} epochs")
             break
@@ -324,7 +257,7 @@ if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
-final = evaluate(sae, acts, val_ids, selection, fused, device, full=True)
+final = reconstruction_metrics(sae, acts, val_ids, selection, step, device, chunk_tokens, full=True)
 left = final.pop("left_out")
 metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse": final["prefix_nmse"],
            "l0": final["l0"], "dead_ratio": sae.dead_mask().float().mean().item(),
@@ -364,20 +297,20 @@ if acts.labels is not None:
 # ---- the SAE in the model: next-token loss with the layer's output replaced by the reconstruction
 if EVAL_LM:
     try:
-        where = lm.resolve_from_meta(acts.meta)
+        location = lm.resolve_from_meta(acts.meta)
     except lm.ModelNotFound as e:
-        where = None
+        location = None
         metrics["lm_eval"] = {"skipped": str(e)}
         print(f"LM evaluation skipped: {e}")
-    if where is not None:
-        model_dtype = lm.pick_dtype(acts.meta.get("config", {}).get("DTYPE", "auto"), device)
-        model = lm.load_model(where, device, model_dtype)
+    if location is not None:
+        model_dtype = runtime.pick_dtype(acts.meta.get("config", {}).get("DTYPE", "auto"), device)
+        model = lm.load_model(location, device, model_dtype)
         chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
         examples = [(np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]),
                      selection.example_mask(acts, i)) for i in chosen]
         sae.eval()
         t0 = time.time()
-        lm_metrics = lm.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
+        lm_metrics = lm_eval.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
                                     EVAL_BATCH_TOKENS)
         lm_metrics["replaced"] = (f"the tokens TRAIN_TOKENS={TRAIN_TOKENS!r} selects within each example on its own "
                                   f"(for 'distinct': all but the first); others keep the model's output")
@@ -393,7 +326,8 @@ if EVAL_LM:
               f"(vs mean); KL(clean ‖ SAE) {lm_metrics['kl_sae']:.4f} nats/token")
 
 try:
-    checkpoint(len(history), finished=True, metrics=metrics)
+    save_checkpoint(path, {**run_record, "state_dict": best_state, "history": history, "epoch": len(history),
+                           "metrics": metrics})
     metrics_path = os.path.join(os.path.dirname(path), "metrics.json")
     write_text_atomic(metrics_path, json.dumps({"checkpoint": path, **metrics, "history": history}, indent=2))
     print(f"Saved {path} and {metrics_path}")

@@ -22,7 +22,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sae import lm  # noqa: E402
+from sae import chat, lm  # noqa: E402
 from sae.files import activations_path  # noqa: E402
 from sae.activations import open_activations  # noqa: E402
 
@@ -54,7 +54,7 @@ def plain_loop(model, tok, records):
     t0 = time.time()
     with torch.no_grad():
         for r in records:
-            ids, _, _ = lm.tokenize_example(tok, [{"role": "user", "content": r["text"]}], True, 512)
+            ids, _, _ = chat.tokenize_example(tok, [{"role": "user", "content": r["text"]}], True, 512)
             h = model(torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=True).hidden_states
             out.append((ids, h[LAYER + 1][0].numpy()))
     return time.time() - t0, out
@@ -64,9 +64,9 @@ def main():
     tmp = tempfile.mkdtemp(prefix="bench_extract_")
     dataset = subset(os.path.join(tmp, "sub.jsonl"), N_EXAMPLES)
     records = [json.loads(line) for line in open(dataset, encoding="utf-8")]
-    where = lm.resolve_model(lm.DEFAULT_MODEL)
-    tok = lm.load_tokenizer(where)
-    model = lm.load_model(where, torch.device("cpu"), torch.float32)
+    location = lm.resolve_model(lm.DEFAULT_MODEL)
+    tok = lm.load_tokenizer(location)
+    model = lm.load_model(location, torch.device("cpu"), torch.float32)
 
     # the plain loop runs half before and half after ours, so a machine whose speed drifts (shared
     # cores) weighs on both sides alike

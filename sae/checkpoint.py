@@ -60,6 +60,18 @@ def save_atomic(obj, path: str):
     write_atomic(path, lambda tmp: _torch_save(obj, tmp))
 
 
+def save_checkpoint(path: str, record: dict, resume: dict | None = None):
+    """A finished run's checkpoint at `path` (resume None), then the unfinished state beside it removed; or,
+    with `resume` (what continuing needs: "state_dict", "optimizer", "epoch", "best_loss", "bad_epochs"),
+    the unfinished checkpoint at unfinished_path(path), leaving a finished one at `path` in place."""
+    if resume is not None:
+        save_atomic({**record, "resume": resume}, unfinished_path(path))
+        return
+    save_atomic(record, path)
+    if os.path.exists(unfinished_path(path)):
+        os.remove(unfinished_path(path))
+
+
 class CheckpointError(Exception):
     """Missing, unreadable or not one of our checkpoints; the message says which and what to do."""
 

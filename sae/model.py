@@ -16,14 +16,13 @@ plus AUX_COEF × the normalized MSE of reconstructing the residual x − x̂ fro
 pre-activations among dead features (features that have not fired for `dead_steps` steps).
 
 Codes are kept sparse, as (indices, values) of the J selected features per token (J = K for TopK):
-decoding is an embedding-bag sum of J decoder rows, and the encoder's backward pass touches only the
-selected pre-activations (a sparse matmul) instead of a dense B×M gradient. The math is unchanged;
-`encode`/`decode` give the dense codes for users.
+decoding is an embedding-bag sum of J decoder rows. `encode`/`decode` give the dense codes for users.
+The objective's gradients and the optimizer update are sae/step.py's (one interface, a PyTorch and a C
+implementation).
 
 Everything needed to rebuild a model is in `sae.config` and the state dict (buffers: scale,
 threshold, steps_since_fired). No file I/O here.
 """
-import contextlib
 import math
 
 import torch
@@ -178,120 +177,3 @@ class SparseAutoencoder(nn.Module):
     def normalize_decoder(self):
         w = self.W_dec_MD.data
         w.div_(torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-12))
-
-
-def _sum_sq(t: torch.Tensor) -> torch.Tensor:
-    return torch.dot(t.reshape(-1), t.reshape(-1))
-
-
-def _spread_baseline(t_BD: torch.Tensor) -> torch.Tensor:
-    """‖t − batch mean‖², the denominator of the normalized MSE."""
-    mean_D = t_BD.mean(0)
-    return (_sum_sq(t_BD) - len(t_BD) * _sum_sq(mean_D)).clamp_min(1e-12)
-
-
-def _rows_times(idx_BJ: torch.Tensor, rows_BJ: torch.Tensor, weights_BJ: torch.Tensor, n_rows: int,
-                dense_ND: torch.Tensor, m: int) -> torch.Tensor:
-    """(M, D) sum over the entries j of weights_j · dense[rows_j], added into row idx_j: a sparse matmul."""
-    indices = torch.stack([idx_BJ.reshape(-1), rows_BJ.reshape(-1)])
-    coo = torch.sparse_coo_tensor(indices, weights_BJ.reshape(-1), (m, n_rows), check_invariants=False)
-    return torch.sparse.mm(coo, dense_ND)
-
-
-@torch.no_grad()
-def sae_loss(sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | None = None,
-             backward: bool = False, autocast=None, fused=None) -> dict:
-    """Training objective and its parts; `dead_M` marks dead features for the aux-K term (None: no aux).
-    out["sse"] holds each prefix's summed squared error ‖x_s − x̂_p‖² (in the scaled space), out["fired"]
-    the features with a positive code.
-
-    With backward=True the gradients of the loss are written to the parameters' .grad, W_dec's with
-    each row's radial part removed (remove_parallel_grad), and out["grad_norm"] is their total norm
-    (for clipping; with several processes, recompute it after averaging). They are computed by hand
-    rather than by autograd: with e_p = x_s − x̂_p the residual of prefix p and β = ‖x_s − mean‖²,
-    ∂loss/∂x̂_p = −2 e_p / (P β), and a selected feature of chunk c (the features between two prefix
-    ends) receives G_c = Σ_{p ≥ c} ∂loss/∂x̂_p. Then, per selected entry j of token b,
-    ∂/∂code_j = ⟨G_c, W_dec[f_j]⟩, ∂/∂W_dec[f_j] += code_j G_c, and through the ReLU the pre-activation
-    gradient g_j reaches W_enc[f_j] (+= g_j (x_s − b_pre)), b_enc[f_j] and b_pre (−W_encᵀ ∂b_enc, plus
-    Σ_p ∂loss/∂x̂_p). Only the K selected (and aux_k dead) features of each token are touched and no
-    graph is kept; tests check it against autograd on the dense formulas. `fused` (sae.fused.FusedStep)
-    computes everything after the encoder matmul in one C call, for float32 on a CPU (with or without
-    backward)."""
-    n_prefixes, (b, d), m = len(sae.prefixes), x_BD.shape, sae.m
-    W_enc, b_enc, W_dec = sae.W_enc_MD, sae.b_enc_M, sae.W_dec_MD
-    xc_BD = sae.centered(x_BD)
-    with autocast or contextlib.nullcontext():
-        pre_BM = torch.addmm(b_enc, xc_BD, W_enc.t()).float()
-    if fused is not None and xc_BD.device.type == "cpu" and xc_BD.dtype == torch.float32:
-        done = fused(xc_BD, pre_BM, W_enc, W_dec, sae.prefixes, sae.k, sae.aux_k, AUX_COEF, dead_M,
-                     selected=sae.codes_sparse(pre_BM) if sae.batch_topk else None, grads=backward)
-        if done is not None:
-            idx_BJ, vals_BJ, fired_M, parts, grads = done
-            out = {"loss": parts[n_prefixes + 1].float(), "nmse": parts[n_prefixes - 1].float(),
-                   "prefix_nmse": parts[:n_prefixes].float(), "sse": parts[:n_prefixes] * parts[-1],
-                   "aux": parts[n_prefixes].float(), "idx": idx_BJ, "vals": vals_BJ, "fired": fired_M}
-            if backward:
-                for param, grad in zip((W_enc, b_enc, W_dec, sae.b_pre_D), grads):
-                    param.grad = grad
-                out["grad_norm"] = parts[-2].sqrt().float()
-            return out
-    idx_BJ, vals_BJ = sae.codes_sparse(pre_BM)
-    # residuals of each prefix's reconstruction (the decoded sum without b_pre, subtracted from x_s − b_pre);
-    # the decoded sums keep a small graph to their codes, so that embedding_bag's own backward gives
-    # ⟨∂loss/∂x̂, W_dec[f_j]⟩ per entry without gathering the decoder rows
-    vals_BJ.requires_grad_(backward)
-    e_PBD = torch.empty(n_prefixes, b, d, dtype=xc_BD.dtype, device=xc_BD.device)
-    with torch.enable_grad():
-        bags = [F.embedding_bag(idx_BJ, W_dec, per_sample_weights=w_BJ, mode="sum")
-                for w_BJ in sae.prefix_weights(idx_BJ, vals_BJ)]
-    for p, bag_BD in enumerate(bags):
-        torch.sub(xc_BD, bag_BD.detach(), out=e_PBD[p])
-    beta = _spread_baseline(xc_BD)
-    sse = torch.stack([_sum_sq(e) for e in e_PBD])
-    prefix_nmse = sse / beta
-    loss = prefix_nmse.mean()
-    aux = torch.zeros((), device=x_BD.device)
-    use_aux = dead_M is not None and sae.aux_k > 0 and bool(dead_M.any())
-    if use_aux:  # the aux_k largest dead pre-activations reconstruct what the model missed
-        aux_idx_BA = pre_BM.masked_fill(~dead_M, float("-inf")).topk(sae.aux_k, dim=-1, sorted=False).indices
-        aux_vals_BA = pre_BM.gather(1, aux_idx_BA).relu_().mul_(dead_M[aux_idx_BA])  # fewer dead than aux_k: zeros
-        target_BD = e_PBD[-1]
-        aux_beta = _spread_baseline(target_BD)
-        with torch.enable_grad():
-            aux_bag_BD = F.embedding_bag(aux_idx_BA, W_dec, per_sample_weights=aux_vals_BA.requires_grad_(backward),
-                                         mode="sum")
-        e_aux_BD = target_BD - aux_bag_BD.detach()
-        aux = _sum_sq(e_aux_BD) / aux_beta
-        loss = loss + AUX_COEF * aux
-    out = {"loss": loss, "nmse": prefix_nmse[-1], "prefix_nmse": prefix_nmse, "sse": sse, "aux": aux,
-           "idx": idx_BJ, "vals": vals_BJ, "fired": sae.fired(idx_BJ, vals_BJ)}
-    if not backward:
-        return out
-
-    G_PBD = e_PBD.mul_(-2 / (n_prefixes * beta))  # ∂loss/∂x̂_p
-    d_vals_BJ, = torch.autograd.grad(bags, vals_BJ, grad_outputs=list(G_PBD))
-    for c in range(n_prefixes - 2, -1, -1):  # now summed over the prefixes at or after p
-        G_PBD[c] += G_PBD[c + 1]
-    chunk_BJ = torch.bucketize(idx_BJ, torch.tensor(sae.prefixes[:-1], device=idx_BJ.device), right=True)
-    tokens_BJ = torch.arange(b, device=idx_BJ.device)[:, None].expand_as(idx_BJ)
-    vals_BJ = vals_BJ.detach()
-    grad_W_dec = _rows_times(idx_BJ, chunk_BJ * b + tokens_BJ, vals_BJ, n_prefixes * b, G_PBD.view(-1, d), m)
-    enc_idx, enc_rows, enc_grads = [idx_BJ], [tokens_BJ], [d_vals_BJ.mul_(vals_BJ > 0)]
-    if use_aux:
-        g_aux_BD = e_aux_BD.mul_(-2 * AUX_COEF / aux_beta)
-        d_aux_BA, = torch.autograd.grad(aux_bag_BD, aux_vals_BA, grad_outputs=g_aux_BD)
-        aux_vals_BA = aux_vals_BA.detach()
-        tokens_BA = tokens_BJ[:, :1].expand_as(aux_idx_BA)
-        grad_W_dec += _rows_times(aux_idx_BA, tokens_BA, aux_vals_BA, b, g_aux_BD, m)
-        enc_idx.append(aux_idx_BA)
-        enc_rows.append(tokens_BA)
-        enc_grads.append(d_aux_BA.mul_(aux_vals_BA > 0))
-    enc_idx, enc_rows, enc_grads = (torch.cat(t, 1) for t in (enc_idx, enc_rows, enc_grads))
-    grad_b_enc = torch.zeros_like(b_enc).index_add_(0, enc_idx.reshape(-1), enc_grads.reshape(-1))
-    sae.W_enc_MD.grad = _rows_times(enc_idx, enc_rows, enc_grads, b, xc_BD, m)
-    sae.b_enc_M.grad = grad_b_enc
-    sae.W_dec_MD.grad = grad_W_dec
-    sae.b_pre_D.grad = G_PBD[0].sum(0) - grad_b_enc @ W_enc
-    sae.remove_parallel_grad()
-    out["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters()])
-    return out

@@ -1,5 +1,5 @@
 /* The sparse part of one SAE training step on the CPU: TopK selection, Matryoshka prefix
- * reconstructions, the loss, and the hand-written gradients of sae/model.py's sae_loss (same formulas,
+ * reconstructions, the loss, and the hand-written gradients of sae/step.py's TorchStep (same formulas,
  * same notation; its docstring derives them). The dense encoder matmul stays in PyTorch (BLAS); this
  * replaces the ~20 small PyTorch ops after it, each of which read or wrote a whole B×D or B×M tensor.
  *
@@ -20,7 +20,7 @@
  *      c·Σ_b Ẽ_0 − W_encᵀ ∂b_enc.
  * adam_update, at the end, is the optimizer step that follows: torch.optim.Adam's formula on its state,
  * with the clipping scale folded in and the decoder rows renormalised while they are in cache.
- * Built by sae/fused.py with the system C compiler and OpenMP; float32, row-major, contiguous arrays. */
+ * Built by sae/c_step.py with the system C compiler and OpenMP; float32, row-major, contiguous arrays. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -29,6 +29,13 @@
 #endif
 #include <stdlib.h>
 #include <string.h>
+
+typedef struct {
+    double aux;      /* normalized MSE of the aux-K reconstruction of e_{P-1}; 0 without dead features */
+    double loss;     /* mean of the prefix normalized MSEs + aux_coef · aux */
+    double grad_sq;  /* squared norm of all the gradients (with grads) */
+    double beta;     /* β = ‖x_c − batch mean‖² */
+} Totals;
 
 typedef struct {
     int64_t B, D, M, J, A, P, threads, select, grads; /* grads 0: the loss only (evaluation) */
@@ -40,9 +47,13 @@ typedef struct {
     uint8_t *fired;                       /* M: written, whether the feature has a positive code */
     float *g_W_enc, *g_b_enc, *g_W_dec, *g_b_pre; /* gradients, all written (with grads) */
     double aux_coef;
-    double *out;                          /* P prefix normalized MSEs, aux normalized MSE, loss,
-                                             squared norm of all the gradients, β */
+    double *prefix_nmse;                  /* P: written, each prefix's normalized MSE */
+    Totals *totals;                       /* written */
 } Step;
+
+/* Sizes of the two structs, checked by sae/c_step.py against its ctypes copies when it loads the library. */
+int64_t step_struct_size(void) { return (int64_t)sizeof(Step); }
+int64_t totals_struct_size(void) { return (int64_t)sizeof(Totals); }
 
 enum { COL_X, COL_E, COL_G, COL_W, N_COL }; /* per-thread column sums: x_c, e_{P-1}, Ẽ_0, W_encᵀ∂b_enc */
 
@@ -229,19 +240,19 @@ static void reduce_loss(Ctx *c) {
     for (int64_t p = 0; p < P; p++) {
         double e = 0.;
         for (int64_t b = 0; b < B; b++) e += c->ss[b * (P + 2) + 1 + p];
-        s->out[p] = e / beta;
-        loss += s->out[p] / (double)P;
+        s->prefix_nmse[p] = e / beta;
+        loss += s->prefix_nmse[p] / (double)P;
     }
-    s->out[P] = 0.;
+    s->totals->aux = 0.;
     if (c->A) {
         double aux_beta = spread(c, P, COL_E), e = 0.;
         for (int64_t b = 0; b < B; b++) e += c->ss[b * (P + 2) + P + 1];
-        s->out[P] = e / aux_beta;
-        loss += s->aux_coef * s->out[P];
+        s->totals->aux = e / aux_beta;
+        loss += s->aux_coef * s->totals->aux;
         c->c_aux = (float)(-2. * s->aux_coef / aux_beta);
     }
-    s->out[P + 1] = loss;
-    s->out[P + 3] = beta;
+    s->totals->loss = loss;
+    s->totals->beta = beta;
     memset(s->fired, 0, s->M);
     for (int64_t i = 0; i < B * s->J; i++)
         if (s->vals[i] > 0.f) s->fired[s->idx[i]] = 1;
@@ -321,7 +332,7 @@ static void finish_b_pre(Ctx *c) {
         sq += (double)s->g_b_pre[d] * s->g_b_pre[d];
     }
     for (int64_t t = 0; t < c->T; t++) sq += c->sq[t];
-    s->out[s->P + 2] = sq;
+    s->totals->grad_sq = sq;
 }
 
 /* Returns 0, or -1 when memory could not be had (the caller falls back to PyTorch). */

@@ -9,7 +9,6 @@ import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .activations import Activations
 from .selection import TokenSelection
@@ -184,49 +183,3 @@ def eval_batches(acts: Activations, example_ids: np.ndarray, selection: TokenSel
     for c in chunks(acts, np.sort(example_ids), chunk_tokens):
         rows, info = _read(acts, c, selection)
         yield torch.from_numpy(rows).float(), torch.from_numpy(selection.mask(info)), info
-
-
-class ReconStats:
-    """Running sums for MSE, normalized MSE (against the mean of the same tokens), relative error
-    (against predicting zero: for sets of near-identical tokens, such as first tokens) and L0. The
-    spread around the mean is merged batch by batch (Chan et al.'s pairwise update), so float32 sums
-    of centred values suffice."""
-
-    def __init__(self, d: int, n_prefixes: int = 1):
-        self.n = 0
-        self.sse = np.zeros(n_prefixes)
-        self.mean = np.zeros(d)
-        self.spread = 0.0  # Σ‖x − mean‖²
-        self.sum_x2 = 0.0
-        self.l0 = 0.0
-
-    def add(self, x_BD: torch.Tensor, recon_PBD: list[torch.Tensor], l0_B: torch.Tensor):
-        self.add_errors(x_BD, [F.mse_loss(r, x_BD, reduction="sum").item() for r in recon_PBD], l0_B)
-
-    def add_errors(self, x_BD: torch.Tensor, sse_P, l0_B: torch.Tensor):
-        """Tokens x with the summed squared reconstruction error of each prefix."""
-        if len(x_BD) == 0:
-            return
-        b, total = len(x_BD), self.n + len(x_BD)
-        self.sse += np.asarray(sse_P, dtype=np.float64)
-        mean_D = x_BD.mean(0)
-        delta = mean_D.double().cpu().numpy() - self.mean
-        self.spread += F.mse_loss(x_BD, mean_D.expand_as(x_BD), reduction="sum").item() + \
-            float(delta @ delta) * self.n * b / total
-        self.mean += delta * b / total
-        self.n = total
-        self.sum_x2 += torch.linalg.vector_norm(x_BD).item() ** 2
-        self.l0 += l0_B.sum().item()
-
-    def result(self) -> dict:
-        if self.n == 0:
-            return {"tokens": 0}
-        d, ss_total = len(self.mean), self.spread
-        if ss_total <= 1e-6 * self.sum_x2:  # all alike (e.g. first tokens): no variance to normalize by
-            nmse = np.full_like(self.sse, np.nan)
-        else:
-            nmse = self.sse / ss_total
-        nmse = [None if np.isnan(v) else float(v) for v in nmse]  # None, not NaN: metrics.json stays valid JSON
-        return {"tokens": self.n, "mse": float(self.sse[-1] / (self.n * d)), "nmse": nmse[-1],
-                "relative_error": float(self.sse[-1] / max(self.sum_x2, 1e-12)), "prefix_nmse": nmse,
-                "l0": self.l0 / self.n}

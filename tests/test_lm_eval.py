@@ -4,16 +4,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TEXTS, run_script, tiny_records, write_jsonl
-from sae import lm
+from sae import chat, lm, lm_eval
 
 
 @pytest.fixture(scope="module")
 def model_and_examples(tiny_model):
-    where = lm.resolve_model(tiny_model)
-    model, tok = lm.load_model(where, torch.device("cpu"), torch.float32), lm.load_tokenizer(where)
+    location = lm.resolve_model(tiny_model)
+    model, tok = lm.load_model(location, torch.device("cpu"), torch.float32), lm.load_tokenizer(location)
     examples = []
     for i, text in enumerate(TEXTS):
-        ids, roles, _ = lm.tokenize_example(tok, [{"role": "user", "content": text * (1 + i % 2)}], True, 512)
+        ids, roles, _ = chat.tokenize_example(tok, [{"role": "user", "content": text * (1 + i % 2)}], True, 512)
         replace = np.ones(len(ids), dtype=bool)
         replace[0] = False  # no_first
         examples.append((ids, replace))
@@ -22,7 +22,7 @@ def model_and_examples(tiny_model):
 
 def test_identity_sae_loses_nothing(model_and_examples):
     model, examples = model_and_examples
-    out = lm.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
+    out = lm_eval.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
     assert out["delta_lm_loss_pct"] == pytest.approx(0, abs=1e-9)
     assert out["frac_recovered_zero"] == pytest.approx(1) and out["frac_recovered_mean"] == pytest.approx(1)
     assert out["kl_sae"] == pytest.approx(0, abs=1e-7) and out["ce_zero"] != out["ce_clean"]
@@ -30,7 +30,7 @@ def test_identity_sae_loses_nothing(model_and_examples):
 
 def test_zero_ablation_matches_a_hand_made_forward(model_and_examples):
     model, examples = model_and_examples
-    out = lm.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
+    out = lm_eval.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
     total = count = 0
     for ids, replace in examples:
         mask = torch.from_numpy(replace)

@@ -5,9 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae import fused
 from sae.checkpoint import FORMAT, build_sae, load_checkpoint, save_atomic
-from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes, sae_loss
+from sae.c_step import load_c_step
+from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes
+from sae.step import StepResult, TorchStep
+
+pytorch_step = TorchStep()
 
 
 @pytest.fixture(autouse=True)
@@ -16,11 +19,11 @@ def seeded():
 
 
 @pytest.fixture(scope="module")
-def fused_step():
+def c_step():
     """The C training step; skipped only where there is no C compiler at all."""
     if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler: the fused CPU step cannot be built here")
-    step, why_not = fused.load()
+        pytest.skip("no C compiler: the C step cannot be built here")
+    step, why_not = load_c_step()
     assert step is not None, why_not
     return step
 
@@ -85,7 +88,7 @@ def test_forward_equals_decode_of_encode(batch_topk):
         torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("step", ["pytorch", "fused C"])
+@pytest.mark.parametrize("step", ["pytorch", "C"])
 @pytest.mark.parametrize("prefixes,batch_topk", [(None, False), ([8, 32], False), ([4, 16, 32], False),
                                                  ([8, 32], True)])
 def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, step, request):
@@ -99,43 +102,63 @@ def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes
     dense_grads = list(torch.autograd.grad(dense, list(sae.parameters())))
     w = sae.W_dec_MD.detach()
     dense_grads[2] = dense_grads[2] - (dense_grads[2] * w).sum(1, keepdim=True) * w
-    fused_step = None if step == "pytorch" else request.getfixturevalue("fused_step")
-    out = sae_loss(sae, x, dead, backward=True, fused=fused_step)
+    step = pytorch_step if step == "pytorch" else request.getfixturevalue("c_step")
+    out = step(sae, x, dead, backward=True)
     sparse_grads = [p.grad for p in sae.parameters()]
-    torch.testing.assert_close(out["loss"], dense.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, dense.detach(), rtol=1e-5, atol=1e-6)
     for (name, _), a, b in zip(sae.named_parameters(), sparse_grads, dense_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     dense_norm = torch.cat([g.flatten() for g in dense_grads]).norm()
-    torch.testing.assert_close(out["grad_norm"], dense_norm, rtol=1e-4, atol=1e-6)
-    assert torch.equal(out["fired"], sae.fired(out["idx"], out["vals"]))
-    if not batch_topk:  # the fused step picks the top K itself
-        assert torch.equal(out["idx"].sort(1).values, sae.pre_acts(x).topk(sae.k, dim=-1).indices.sort(1).values)
+    torch.testing.assert_close(out.grad_norm, dense_norm, rtol=1e-4, atol=1e-6)
+    assert torch.equal(out.fired, sae.fired(out.idx, out.vals))
+    if not batch_topk:  # the C step picks the top K itself
+        assert torch.equal(out.idx.sort(1).values, sae.pre_acts(x).topk(sae.k, dim=-1).indices.sort(1).values)
 
 
 @pytest.mark.parametrize("m,k", [(256, 8), (100, 3), (64, 16)])
-def test_fused_step_selects_the_k_largest(fused_step, m, k):
+def test_c_step_selects_the_k_largest(c_step, m, k):
     """Block maxima bound the K-th largest (M=256, 100 with a partial last block); few blocks: a heap."""
     sae = make(m=m, k=k, bias=0.5)
     x = torch.randn(64, 12) * 3
-    out = sae_loss(sae, x, backward=True, fused=fused_step)
+    out = c_step(sae, x, backward=True)
     pre = sae.pre_acts(x)
-    assert torch.equal(out["idx"].sort(1).values, pre.topk(k, dim=-1).indices.sort(1).values)
-    torch.testing.assert_close(out["vals"], pre.gather(1, out["idx"]).relu())
+    assert torch.equal(out.idx.sort(1).values, pre.topk(k, dim=-1).indices.sort(1).values)
+    torch.testing.assert_close(out.vals, pre.gather(1, out.idx).relu())
 
 
+@pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("batch_topk", [False, True])
-def test_fused_evaluation_equals_pytorch(fused_step, batch_topk):
-    """Without backward (the per-epoch validation) the C step gives the same codes and errors."""
-    sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.3).eval()
+def test_both_steps_return_the_same_result(c_step, batch_topk, backward):
+    """The two implementations of the step give every field of StepResult alike, with and without
+    gradients (without: the per-epoch validation), and the same .grad."""
+    sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.3).train(backward)
+    sae.steps_since_fired[::3] = 10_000
     x = torch.randn(50, 12) * 3
-    a, b = sae_loss(sae, x), sae_loss(sae, x, fused=fused_step)
-    assert all(p.grad is None for p in sae.parameters())
-    torch.testing.assert_close(b["sse"].float(), a["sse"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(b["prefix_nmse"], a["prefix_nmse"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close((b["vals"] > 0).sum(1), (a["vals"] > 0).sum(1))
+    results = []
+    for step in (pytorch_step, c_step):
+        sae.zero_grad(set_to_none=True)
+        threshold = sae.threshold.clone()
+        results.append((step(sae, x, sae.dead_mask(), backward=backward), [p.grad for p in sae.parameters()]))
+        sae.threshold.copy_(threshold)  # BatchTopK training moves it: both steps start from the same one
+    (a, grads_a), (b, grads_b) = results
+    assert type(a) is type(b) is StepResult
+    order_a, order_b = a.idx.argsort(1), b.idx.argsort(1)  # the same selection, in any order
+    assert torch.equal(a.idx.gather(1, order_a), b.idx.gather(1, order_b))
+    torch.testing.assert_close(a.vals.gather(1, order_a), b.vals.gather(1, order_b))
+    for field in ("loss", "prefix_nmse", "sse", "aux", "fired", "grad_norm"):
+        va, vb = getattr(a, field), getattr(b, field)
+        assert (va is None) == (vb is None) == (field == "grad_norm" and not backward), field
+        if va is not None:
+            assert va.dtype == vb.dtype and va.shape == vb.shape, field
+            torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-5, msg=field)
+    assert (a.aux > 0) == backward  # dead features get an aux-K term when training
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None) == (gb is None) == (not backward)
+        if backward:
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_adam_step_equals_clip_adam_and_renormalising(fused_step):
+def test_c_update_equals_clip_adam_and_renormalising(c_step):
     """Clipping, torch.optim.Adam and the unit-norm decoder rows in one pass, on Adam's own state."""
     a, b = make(), make()
     b.load_state_dict(a.state_dict())
@@ -143,11 +166,11 @@ def test_fused_adam_step_equals_clip_adam_and_renormalising(fused_step):
     opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, fused=True)
     for step in range(4):
         x = torch.randn(30, 12) * (3 if step % 2 else 300)  # the large batches are clipped
-        out_a, out_b = sae_loss(a, x, backward=True), sae_loss(b, x, backward=True)
-        torch.nn.utils.clip_grads_with_norm_(a.parameters(), 1.0, out_a["grad_norm"])
+        out_a, out_b = pytorch_step(a, x, backward=True), pytorch_step(b, x, backward=True)
+        torch.nn.utils.clip_grads_with_norm_(a.parameters(), 1.0, out_a.grad_norm)
         opt_a.step()
         a.normalize_decoder()
-        fused_step.adam_step(opt_b, 1.0, out_b["grad_norm"], unit_rows=[b.W_dec_MD])
+        c_step.update(b, opt_b, 1.0, out_b.grad_norm)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     torch.optim.Adam(a.parameters(), fused=True).load_state_dict(opt_b.state_dict())  # resumable as torch's
@@ -155,19 +178,19 @@ def test_fused_adam_step_equals_clip_adam_and_renormalising(fused_step):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_fused_step_splits_work_between_any_number_of_threads(fused_step, threads):
+def test_c_step_splits_work_between_any_number_of_threads(c_step, threads):
     sae = make(prefixes=[8, 32])
     sae.steps_since_fired[::3] = 10_000
     x = torch.randn(37, 12) * 3
-    reference = sae_loss(sae, x, sae.dead_mask(), backward=True)
+    reference = pytorch_step(sae, x, sae.dead_mask(), backward=True)
     reference_grads = [p.grad for p in sae.parameters()]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = sae_loss(sae, x, sae.dead_mask(), backward=True, fused=fused_step)
+        out = c_step(sae, x, sae.dead_mask(), backward=True)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(out["loss"], reference["loss"])
+    torch.testing.assert_close(out.loss, reference.loss)
     for a, p in zip(reference_grads, sae.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
 
@@ -178,7 +201,7 @@ def test_one_prefix_matryoshka_equals_plain_topk():
     torch.manual_seed(1)
     one = make(prefixes=[32])
     x = torch.randn(30, 12)
-    a, b = sae_loss(plain, x, backward=True)["loss"], sae_loss(one, x, backward=True)["loss"]
+    a, b = pytorch_step(plain, x, backward=True).loss, pytorch_step(one, x, backward=True).loss
     assert a.item() == b.item()
     for p, q in zip(plain.parameters(), one.parameters()):
         assert torch.equal(p.grad, q.grad)
@@ -187,7 +210,7 @@ def test_one_prefix_matryoshka_equals_plain_topk():
 def test_unit_norm_decoder_after_a_step():
     sae = make()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-    sae_loss(sae, torch.randn(30, 12) * 3, backward=True)
+    pytorch_step(sae, torch.randn(30, 12) * 3, backward=True)
     sae.remove_parallel_grad()
     assert ((sae.W_dec_MD.grad * sae.W_dec_MD).sum(1).abs() < 1e-5).all(), "gradient has no radial part"
     opt.step()
@@ -198,12 +221,12 @@ def test_unit_norm_decoder_after_a_step():
 def test_aux_k_gives_gradient_to_dead_features():
     sae = make()
     x = torch.randn(30, 12) * 3
-    out = sae_loss(sae, x)
-    sae.steps_since_fired[~out["fired"]] = 10_000
+    out = pytorch_step(sae, x)
+    sae.steps_since_fired[~out.fired] = 10_000
     assert sae.dead_mask().any()
-    sae_loss(sae, x, backward=True)
+    pytorch_step(sae, x, backward=True)
     grad_without = sae.W_enc_MD.grad
-    sae_loss(sae, x, sae.dead_mask(), backward=True)
+    pytorch_step(sae, x, sae.dead_mask(), backward=True)
     grad_with = sae.W_enc_MD.grad
     dead = sae.dead_mask()
     assert grad_without[dead].abs().sum() == 0
@@ -258,10 +281,10 @@ def test_recovers_a_known_sparse_dictionary():
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for epoch in range(8):
         for batch in x[torch.randperm(n, generator=g)].split(256):
-            out = sae_loss(sae, batch, sae.dead_mask(), backward=True)
+            out = pytorch_step(sae, batch, sae.dead_mask(), backward=True)
             opt.step()
             sae.normalize_decoder()
-            sae.update_dead(out["fired"])
+            sae.update_dead(out.fired)
     cos = atoms @ F.normalize(sae.W_dec_MD.detach(), dim=1).t()
     recovered = (cos.max(1).values > 0.9).float().mean().item()
     assert recovered >= 0.9, f"recovered {recovered:.0%} of the atoms"

@@ -1,12 +1,12 @@
-"""A CPU training step in C (sae/sae_step.c): after the encoder matmul, one function for selection,
-prefix residuals, loss and hand-written gradients, and one for the optimizer step (Adam with clipping
-and the unit-norm decoder). Built on first use with the system C compiler and kept in a cache folder
-keyed by the source, the flags and the CPU. Where it cannot be built, `load` says why and training
-takes the PyTorch path: the same math, about half the speed on a CPU.
+"""The training step in C (sae/sae_step.c), one of the two implementations of sae/step.py's interface:
+after the encoder matmul, one C call for the selection, prefix residuals, loss and hand-written gradients,
+and one for the optimizer step (Adam with clipping and the unit-norm decoder). For float32 on a CPU; any
+other batch, or a C call that could not allocate its scratch memory, takes the PyTorch step. Built on
+first use with the system C compiler and kept in a cache folder keyed by the source, the flags and the
+CPU. Where it cannot be built, `load_c_step` says why and training takes the PyTorch step: the same
+math, about half the speed on a CPU.
 
-    fused, why_not = load()          # FusedStep, None  or  None, "no C compiler (cc) on PATH"
-    out = sae_loss(sae, x, dead, backward=True, fused=fused)
-    fused.adam_step(optimizer, max_norm, out["grad_norm"], unit_rows=[sae.W_dec_MD])
+    step, why_not = load_c_step()    # CStep, None  or  None, "no C compiler (cc) on PATH"
 """
 import ctypes
 import hashlib
@@ -19,6 +19,9 @@ import tempfile
 
 import torch
 
+from .model import AUX_COEF, SparseAutoencoder
+from .step import StepResult, TorchStep, pre_activations, torch_step
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sae_step.c")
 # -march=native: the build is per machine (its CPU is in the cache key); the three math flags let the
 # compiler vectorise float sums (reassociation) without -ffast-math's process-wide flush-to-zero
@@ -27,20 +30,32 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
 _P = ctypes.c_void_p
 
 
+class _Totals(ctypes.Structure):
+    """sae_step.c's Totals: the step's scalar results."""
+    _fields_ = [(n, ctypes.c_double) for n in ("aux", "loss", "grad_sq", "beta")]
+
+
 class _Step(ctypes.Structure):
-    """sae_step.c's Step struct, field for field."""
+    """sae_step.c's Step, field for field (its size is checked against the library's at load)."""
     _fields_ = [(n, ctypes.c_int64) for n in ("B", "D", "M", "J", "A", "P", "threads", "select", "grads")] + \
                [(n, _P) for n in ("prefix_ends", "xc", "pre", "W_dec", "W_enc", "dead", "idx", "vals", "fired",
                                   "g_W_enc", "g_b_enc", "g_W_dec", "g_b_pre")] + \
-               [("aux_coef", ctypes.c_double), ("out", _P)]
+               [("aux_coef", ctypes.c_double), ("prefix_nmse", _P), ("totals", ctypes.POINTER(_Totals))]
 
 
-class FusedStep:
-    """Calls sae_step on contiguous float32 CPU tensors and returns PyTorch tensors."""
+class CStep(TorchStep):
+    """Calls sae_step on contiguous float32 CPU tensors; everything else goes to the PyTorch step."""
+    name = "C"
 
     def __init__(self, lib_path: str):
         self.path = lib_path
         lib = ctypes.CDLL(lib_path)
+        for name, struct in (("step_struct_size", _Step), ("totals_struct_size", _Totals)):
+            size_fn = getattr(lib, name)
+            size_fn.restype = ctypes.c_int64
+            if size_fn() != ctypes.sizeof(struct):
+                raise AttributeError(f"{name}() is {size_fn()} bytes in the library but {ctypes.sizeof(struct)} "
+                                     f"here: it was built from another sae_step.c")
         self._fn = lib.sae_step
         self._fn.argtypes = [ctypes.POINTER(_Step)]
         self._fn.restype = ctypes.c_int
@@ -48,41 +63,56 @@ class FusedStep:
         self._adam.argtypes = [_P] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 6 + [ctypes.c_int64] * 2
         self._adam.restype = None
 
-    def __call__(self, xc_BD, pre_BM, W_enc_MD, W_dec_MD, prefixes, k, aux_k, aux_coef, dead_M=None,
-                 selected=None, grads=True):
-        """Loss parts and (with `grads`) gradients. `selected` = (idx_BJ, vals_BJ) chosen elsewhere
-        (BatchTopK); None: the K largest pre-activations per token, chosen here. Returns (idx_BJ,
-        vals_BJ, fired_M, out, grads): fired_M the features with a positive code, out = [prefix
-        normalized MSEs..., aux normalized MSE, loss, squared gradient norm, β (‖x_c − batch mean‖²)],
-        grads for W_enc, b_enc, W_dec, b_pre (W_dec's rows orthogonal to the decoder rows). None if the
-        C side could not allocate its scratch memory."""
-        (b, d), m, p = xc_BD.shape, W_dec_MD.shape[0], len(prefixes)
+    @torch.no_grad()
+    def __call__(self, sae: SparseAutoencoder, x_BD: torch.Tensor, dead_M: torch.Tensor | None = None,
+                 backward: bool = False, autocast=None) -> StepResult:
+        xc_BD, pre_BM = pre_activations(sae, x_BD, autocast)
+        if x_BD.device.type == "cpu" and xc_BD.dtype == torch.float32:
+            selected = sae.codes_sparse(pre_BM) if sae.batch_topk else None  # BatchTopK: chosen in PyTorch
+            out = self._run(sae, xc_BD, pre_BM, dead_M, selected, backward)
+            if out is not None:
+                return out
+        return torch_step(sae, xc_BD, pre_BM, dead_M, backward)
+
+    def _run(self, sae, xc_BD, pre_BM, dead_M, selected, backward) -> StepResult | None:
+        """One sae_step call; the gradients go to the parameters' .grad. None if C could not allocate."""
+        (b, d), m, p = xc_BD.shape, sae.m, len(sae.prefixes)
         if selected is None:
-            idx_BJ, vals_BJ = torch.empty(b, k, dtype=torch.long), torch.empty(b, k)
+            idx_BJ, vals_BJ = torch.empty(b, sae.k, dtype=torch.long), torch.empty(b, sae.k)
         else:
             idx_BJ, vals_BJ = (t.contiguous() for t in selected)
-        tensors = [xc_BD.contiguous(), pre_BM.contiguous(), W_dec_MD.detach().contiguous(),
-                   W_enc_MD.detach().contiguous()]
-        grads = [torch.empty(m, d), torch.empty(m), torch.empty(m, d), torch.empty(d)] if grads else None
-        ends = torch.tensor(prefixes, dtype=torch.long)
+        xc_BD, pre_BM = xc_BD.contiguous(), pre_BM.contiguous()
+        W_enc, W_dec = sae.W_enc_MD.detach().contiguous(), sae.W_dec_MD.detach().contiguous()
+        grads = [torch.empty(m, d), torch.empty(m), torch.empty(m, d), torch.empty(d)] if backward else [None] * 4
+        ends = torch.tensor(sae.prefixes, dtype=torch.long)
         dead = dead_M.contiguous() if dead_M is not None else None
-        out = torch.zeros(p + 4, dtype=torch.float64)
-        fired = torch.empty(m, dtype=torch.bool)
-        step = _Step(b, d, m, idx_BJ.shape[1], aux_k if dead is not None else 0, p, torch.get_num_threads(),
-                     selected is None, grads is not None, ends.data_ptr(), *(t.data_ptr() for t in tensors),
-                     dead.data_ptr() if dead is not None else None, idx_BJ.data_ptr(), vals_BJ.data_ptr(),
-                     fired.data_ptr(), *([g.data_ptr() for g in grads] if grads else [None] * 4), aux_coef,
-                     out.data_ptr())
+        prefix_nmse, totals, fired = torch.zeros(p, dtype=torch.float64), _Totals(), torch.empty(m, dtype=torch.bool)
+
+        def ptr(t):
+            return None if t is None else t.data_ptr()
+
+        step = _Step(B=b, D=d, M=m, J=idx_BJ.shape[1], A=sae.aux_k if dead is not None else 0, P=p,
+                     threads=torch.get_num_threads(), select=selected is None, grads=backward,
+                     prefix_ends=ptr(ends), xc=ptr(xc_BD), pre=ptr(pre_BM), W_dec=ptr(W_dec), W_enc=ptr(W_enc),
+                     dead=ptr(dead), idx=ptr(idx_BJ), vals=ptr(vals_BJ), fired=ptr(fired),
+                     g_W_enc=ptr(grads[0]), g_b_enc=ptr(grads[1]), g_W_dec=ptr(grads[2]), g_b_pre=ptr(grads[3]),
+                     aux_coef=AUX_COEF, prefix_nmse=ptr(prefix_nmse), totals=ctypes.pointer(totals))
         if self._fn(ctypes.byref(step)) != 0:
             return None
-        return idx_BJ, vals_BJ, fired, out, grads
+        out = StepResult(loss=torch.tensor(totals.loss, dtype=torch.float32), prefix_nmse=prefix_nmse.float(),
+                         sse=prefix_nmse * totals.beta, aux=torch.tensor(totals.aux, dtype=torch.float32),
+                         idx=idx_BJ, vals=vals_BJ, fired=fired)
+        if backward:
+            for param, grad in zip((sae.W_enc_MD, sae.b_enc_M, sae.W_dec_MD, sae.b_pre_D), grads):
+                param.grad = grad
+            out.grad_norm = torch.tensor(totals.grad_sq, dtype=torch.float32).sqrt()
+        return out
 
-    def adam_step(self, optimizer: torch.optim.Adam, max_norm: float, total_norm, unit_rows=()):
-        """clip_grads_with_norm_(params, max_norm, total_norm), then optimizer.step() for a
-        torch.optim.Adam without weight decay, amsgrad or maximize (the same formula on the same state),
-        then the parameters in `unit_rows` renormalised row by row: one pass over each parameter, the
-        clipping scale applied as each gradient is read."""
-        grad_scale = min(1.0, max_norm / (float(total_norm) + 1e-6))  # clip_grads_with_norm_'s coefficient
+    def update(self, sae: SparseAutoencoder, optimizer: torch.optim.Adam, max_norm: float, grad_norm):
+        """TorchStep.update in one pass over each parameter: clip_grads_with_norm_, torch.optim.Adam's step
+        (no weight decay, amsgrad or maximize; the same formula on the same state) and the decoder rows
+        renormalised, the clipping scale applied as each gradient is read."""
+        grad_scale = min(1.0, max_norm / (float(grad_norm) + 1e-6))  # clip_grads_with_norm_'s coefficient
         group, = optimizer.param_groups
         assert group["weight_decay"] == 0 and not group["amsgrad"] and not group["maximize"], group
         (beta1, beta2), threads = group["betas"], torch.get_num_threads()
@@ -96,7 +126,7 @@ class FusedStep:
             cols = p.shape[-1]
             self._adam(p.data_ptr(), p.grad.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_sq"].data_ptr(),
                        p.numel() // cols, cols, group["lr"], beta1, beta2, group["eps"], float(state["step"]),
-                       grad_scale, any(p is u for u in unit_rows), threads)
+                       grad_scale, p is sae.W_dec_MD, threads)
 
 
 def cache_dir() -> str:
@@ -131,8 +161,8 @@ def kernel_path(folder: str | None = None) -> str:
     return os.path.join(folder or cache_dir(), f"sae_step-{key}.so")
 
 
-def load() -> tuple[FusedStep | None, str | None]:
-    """(FusedStep, None), building it if needed, or (None, the reason it cannot be had here).
+def load_c_step() -> tuple[CStep | None, str | None]:
+    """(CStep, None), building it if needed, or (None, the reason it cannot be had here).
 
     A cached library is loaded only from a folder that is ours and that others cannot write, and only when
     the file is ours and others cannot write it either; otherwise the library is built afresh into a new
@@ -165,6 +195,6 @@ def load() -> tuple[FusedStep | None, str | None]:
             if os.path.exists(tmp):
                 os.remove(tmp)
     try:
-        return FusedStep(lib), None
+        return CStep(lib), None
     except (OSError, AttributeError) as e:  # not a library, or one without our functions
         return None, f"could not load {lib} ({e}); delete it to rebuild"
