@@ -26,6 +26,7 @@ from sae import chat, dist, forward, lm, runtime
 from sae.activations import StreamingNpzWriter, open_activations
 from sae.config import configure, fail
 from sae.files import NO_SPACE, Busy, activations_path, lock_output, unwritable, write_text_atomic
+from sae.provenance import differences, make_record
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 
 # ---- model
@@ -146,8 +147,8 @@ try:
     lock_output(progress_path)  # one extraction per output folder (and rank) at a time
 except Busy as e:
     fail(str(e))
-fingerprint = {k: v for k, v in config.items() if k not in ("BATCH_TOKENS",)}
-fingerprint.update(dataset_sha256=dataset_sha256, n_tokens=n_tokens, layers=layers, share=[first, last], format=1)
+record = make_record("extract", config, {"dataset": dataset_sha256})
+work = {"n_tokens": n_tokens, "layers": layers, "share": [first, last], "format": 1}  # this process's part of it
 store_dtype = np.dtype(STORE_DTYPE)
 
 
@@ -159,7 +160,8 @@ def small_arrays(a, b, layer):
             "text_field": TEXT_FIELD, "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
             "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
             "roles": {"0": "special/template (and each example's first token)", "1": "system", "2": "user",
-                      "3": "assistant"}, "config": config, "layer": layer, "hook": f"blocks.{layer}.hook_resid_post"}
+                      "3": "assistant"}, "layer": layer, "hook": f"blocks.{layer}.hook_resid_post",
+            "dtype_setting": DTYPE, "cache_dir": CACHE_DIR, "record": record}
     arrays = {"offsets": offsets[a:b + 1] - offsets[a], "token_ids": np.concatenate(ids_per_example[a:b]),
               "token_role": np.concatenate(roles_per_example[a:b]),
               "example_index": np.asarray(example_index[a:b], dtype=np.int64), "meta": np.array(json.dumps(meta))}
@@ -175,7 +177,7 @@ if all(os.path.isfile(p) for p in part_paths.values()) and world > 1:
 elif os.path.isfile(progress_path):
     with open(progress_path) as f:
         progress = json.load(f)
-    if progress.get("fingerprint") != fingerprint or not all(
+    if differences(progress.get("record"), record, continuing=True) or progress.get("work") != work or not all(
             os.path.isfile(p + ".partial") for p in part_paths.values()):
         print("Found an unfinished extraction with other settings or data; starting over")
         progress = None
@@ -190,7 +192,7 @@ if progress != "finished":
                for L, p in part_paths.items()}
 
     def save_progress(examples_done):
-        state = {"fingerprint": fingerprint, "examples_done": examples_done,
+        state = {"record": record, "work": work, "examples_done": examples_done,
                  "writers": {str(L): w.state() for L, w in writers.items()}}
         write_text_atomic(progress_path, json.dumps(state))
 

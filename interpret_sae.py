@@ -20,6 +20,7 @@ annotator model scores the description on held-out examples (precision, recall, 
 Every LLM answer is cached beside the outputs (llm_cache.jsonl): a rerun, or a run resumed after a
 crash, never asks (or pays) twice for the same answer.
 """
+import json
 import os
 import time
 from collections import Counter
@@ -37,7 +38,8 @@ from sae.files import NO_SPACE, Busy, lock_output, text_writer, unwritable, writ
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
 from sae.llm import AuthenticationFailed, CachedChat
-from sae.report import feature_table, render
+from sae.provenance import interpretation_inputs, interpretation_record_path, make_record
+from sae.report import feature_table, render_report
 from sae.selection import TokenSelection
 from sae.stream import NonFiniteActivations
 
@@ -331,16 +333,18 @@ llm_note = chat.summary() if chat else ("Descriptions come from the data (best l
 metrics = dict(ckpt.get("metrics", {}))
 label_note = (f"{len(covered)} of {len(label_names)} labels are some feature's own best label at AUROC ≥ 0.8 "
               f"(per-example maxima over {INTERPRET_TOKENS} tokens)" if labels is not None else None)
-html = render(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
+html = render_report(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
               {"interpret": redacted(config), "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
               metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note,
-              template_rows=template_rows, label_note=label_note,
-              record={"config": redacted(config), "checkpoint_sha256": sha256_file(ckpt_path), "dataset_sha256": dataset_sha,
-                      "llm": chat.url if chat else None, "n_described": n_described,
-                      "n_selected": len(selected)})
-try:  # both outputs, or neither: an old report never sits beside a new CSV
+              template_rows=template_rows, label_note=label_note)
+record = make_record("interpret", config, interpretation_inputs(ckpt_path, DATASET_PATH, chat is not None),
+                     complete=chat is None or n_described == len(selected))  # complete: every feature described
+record_path = interpretation_record_path(REPORT_HTML)
+try:  # all outputs, or none: an old report never sits beside a new CSV
     write_all_atomic({OUTPUT_CSV: lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False),
-                      REPORT_HTML: text_writer(html)})
+                      REPORT_HTML: text_writer(html),
+                      record_path: text_writer(json.dumps({"record": record, "n_selected": len(selected),
+                                                           "n_described": n_described}, indent=2))})
 except OSError as e:
     if e.errno not in NO_SPACE:
         raise

@@ -9,8 +9,9 @@
 A `--name=value` setting is passed to every script whose config block has that name (see each script's
 --help); one that no script has is an error. The files between steps are passed explicitly:
 OUTPUT_DIR/activations_layer{LAYER_IDX}.npz and checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt. A step whose
-outputs exist and record the same settings and inputs (their metadata holds the resolved config and the
-sha256 of what they were made from) is skipped, so a rerun only redoes what changed. No prompts, ever.
+outputs exist and record the same settings and inputs (each output holds a record of the settings and the
+sha256 of the files it was made from: sae/provenance.py) is skipped, so a rerun only redoes what changed.
+No prompts, ever.
 """
 import json
 import os
@@ -18,19 +19,19 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 
+from sae.activations import open_activations
 from sae.checkpoint import checkpoint_path
-from sae.config import fail, parse_value, redacted, script_knobs
+from sae.config import fail, parse_value, script_knobs
 from sae.data import sha256_file
 from sae.files import activations_path
-from sae.report import feature_table, read_record
+from sae.provenance import differences, interpretation_inputs, interpretation_record_path, make_record, read_record
+from sae.report import feature_table
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"extract": "extract_activations.py", "train": "train_sae.py", "interpret": "interpret_sae.py"}
 SET_BY_PIPELINE = {"ACTIVATIONS_PATH", "SAE_CHECKPOINT"}  # the paths between steps
-NOT_COMPARED = {"train": {"RESUME"}}  # settings that do not change a finished output
 
 # ---- command line: flags, and settings routed to the scripts that have them
 knobs = {step: script_knobs(os.path.join(ROOT, script)) for step, script in SCRIPTS.items()}
@@ -87,28 +88,6 @@ for step, explicit in (("train", {"ACTIVATIONS_PATH": acts_path}),
         args[step].append(f"--{name}={value}")
 
 
-def same(a, b) -> bool:
-    return json.loads(json.dumps(a, sort_keys=True)) == json.loads(json.dumps(b, sort_keys=True))
-
-
-def wanted(step) -> dict:
-    return {k: v for k, v in config[step].items() if k not in NOT_COMPARED.get(step, ())}
-
-
-def read_meta(path) -> dict:
-    return json.loads(str(np.load(path, allow_pickle=False)["meta"]))
-
-
-def read_checkpoint(path) -> dict:
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_report_record(path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return read_record(f.read()) or {}
-
-
 def readable(read, path):
     """read(path), or None (with a note) when the file is truncated, corrupt or not ours: the step is redone."""
     try:
@@ -118,39 +97,27 @@ def readable(read, path):
         return None
 
 
+llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
+               or os.environ.get("OPENAI_API_KEY"))
+csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
+OUTPUTS = {"extract": [acts_path], "train": [ckpt_path], "interpret": [csv, html, interpretation_record_path(html)]}
+INPUTS = {"extract": {"dataset": dataset}, "train": {"activations": acts_path}, "interpret": {}}
+
+
 def up_to_date(step) -> str | None:
-    """Why the step's outputs are current, or None when it must run."""
-    if step == "extract":
-        if not os.path.isfile(acts_path) or not os.path.isfile(dataset):
-            return None
-        meta = readable(read_meta, acts_path)
-        if meta is None:
-            return None
-        if same(meta.get("config"), wanted("extract")) and meta.get("dataset_sha256") == sha256_file(dataset):
-            return f"{acts_path} matches the settings and {dataset}"
-    elif step == "train":
-        if not os.path.isfile(ckpt_path) or not os.path.isfile(acts_path):
-            return None
-        ckpt = readable(read_checkpoint, ckpt_path)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("provenance"), dict):
-            return None
-        stored = {k: v for k, v in ckpt.get("config", {}).items() if k not in NOT_COMPARED["train"]}
-        if "resume" not in ckpt and same(stored, wanted("train")) and ckpt["provenance"].get("processes", 1) == \
-                nproc and ckpt["provenance"].get("activations_sha256") == sha256_file(acts_path):
-            return f"{ckpt_path} is finished, with the same settings and activations"
+    """Why the step's outputs are current (each records the same settings and inputs), or None when it must run."""
+    needed = OUTPUTS[step] + list(INPUTS[step].values()) + ([ckpt_path, dataset] if step == "interpret" else [])
+    if not all(os.path.isfile(p) for p in needed):
+        return None
+    if step == "interpret":
+        inputs = interpretation_inputs(ckpt_path, dataset, llm_now)
     else:
-        csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
-        if not (os.path.isfile(csv) and os.path.isfile(html) and os.path.isfile(ckpt_path)):
-            return None
-        record = readable(read_report_record, html) or {}
-        llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
-                       or os.environ.get("OPENAI_API_KEY"))
-        if same(record.get("config"), redacted(wanted("interpret"))) and record.get("checkpoint_sha256") == \
-                sha256_file(ckpt_path) and record.get("dataset_sha256") == sha256_file(dataset) and \
-                (record.get("llm") is not None) == llm_now and \
-                (not llm_now or record.get("n_described") == record.get("n_selected")):  # finished its work
-            return f"{csv} and {html} match the settings, the checkpoint and the LLM setup"
-    return None
+        inputs = {name: sha256_file(p) for name, p in INPUTS[step].items()}
+    wanted = make_record(step, config[step], inputs, nproc if step == "train" else 1)
+    stored = readable(read_record, OUTPUTS[step][-1])
+    if stored is None or differences(stored, wanted):
+        return None
+    return f"{', '.join(OUTPUTS[step])} record{'s' if step != 'interpret' else ''} the same settings and inputs"
 
 
 # ---- the steps, in order
@@ -181,10 +148,20 @@ def size(path):
     return f"{os.path.getsize(path) / 2**20:.1f} MiB" if os.path.isfile(path) else "missing"
 
 
-meta = readable(read_meta, acts_path) if os.path.isfile(acts_path) else None
+meta = readable(lambda p: open_activations(p).meta, acts_path) if os.path.isfile(acts_path) else None
 if meta is not None:
     print(f"activations   {acts_path} ({size(acts_path)}): {meta['n_examples']} examples, {meta['n_tokens']} tokens, "
           f"{meta['model']} layer {meta['layer']}")
+def read_checkpoint(path):
+    import torch  # here only: the steps run in their own processes, the pipeline needs torch for this alone
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 ckpt = readable(read_checkpoint, ckpt_path) if os.path.isfile(ckpt_path) else None
 if isinstance(ckpt, dict):
     m = ckpt.get("metrics", {})
@@ -199,9 +176,8 @@ if isinstance(ckpt, dict):
             print(f"labels        {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC "
                   f">= {lab['auroc_threshold']}; probe on validation examples: SAE features "
                   f"{100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
-csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
-if os.path.isfile(html):
-    record = readable(read_report_record, html) or {}
+if os.path.isfile(interpretation_record_path(html)):
+    record = readable(read_json, interpretation_record_path(html)) or {}
     print(f"interpretation {csv} ({size(csv)}), {html} ({size(html)}): {record.get('n_described', 0)} of "
           f"{record.get('n_selected', 0)} selected features described by an LLM")
     table = readable(pd.read_csv, csv) if os.path.isfile(csv) else None

@@ -27,6 +27,7 @@ from sae.checkpoint import FORMAT, checkpoint_path, save_checkpoint, unfinished_
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.metrics import reconstruction_metrics
+from sae.provenance import differences, make_record
 from sae.model import SparseAutoencoder, check_config, default_prefixes
 from sae.files import NO_SPACE, Busy, lock_output, unwritable, write_text_atomic
 from sae.features import label_metrics
@@ -124,8 +125,9 @@ try:
         lock_output(path)
 except Busy as e:
     fail(str(e))
+record = make_record("train", config, {"activations": sha256_file(ACTIVATIONS_PATH)}, world)
 provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activations_bytes": os.path.getsize(ACTIVATIONS_PATH),
-              "activations_sha256": sha256_file(ACTIVATIONS_PATH), "model": acts.meta["model"],
+              "model": acts.meta["model"],
               "layer": acts.meta["layer"], "hook": acts.meta.get("hook"), "train_tokens": TRAIN_TOKENS,
               "dataset_path": acts.meta.get("dataset_path"), "dataset_sha256": acts.meta.get("dataset_sha256"),
               "n_train_examples": len(train_ids), "n_val_examples": len(val_ids),
@@ -150,12 +152,10 @@ if RESUME:
         fail(f"RESUME=True but {path} does not exist; drop --resume or check RUN_NAME, M and K")
     except Exception as e:
         fail(f"RESUME=True but {path} could not be read ({type(e).__name__}); delete it and train from scratch")
-    after_training = ("EXPORT_SAELENS", "EVAL_LM", "EVAL_MAX_EXAMPLES", "EVAL_BATCH_TOKENS")  # free to differ
-    mismatch = [k for k in config if k not in ("RESUME", "N_EPOCHS", "DEVICE", "BF16", *after_training)
-                and ckpt.get("config", {}).get(k) != config[k]]
+    mismatch = differences(ckpt.get("record"), record, continuing=True)
     if ckpt.get("format") != FORMAT or ckpt["sae_config"] != sae.config or mismatch:
-        fail(f"cannot resume from {path}: it was trained with other settings ({', '.join(mismatch) or 'sizes'} "
-             f"differ); use the same settings or drop --resume")
+        fail(f"cannot resume from {path}: it was trained with other settings or data (differs: "
+             f"{', '.join(mismatch) or 'sizes'}); use the same settings or drop --resume")
     if "resume" not in ckpt:
         print(f"{path} is a finished run (it stopped at epoch {ckpt['epoch']}); nothing to resume")
         raise SystemExit(0)
@@ -183,7 +183,7 @@ steps_per_epoch = math.ceil(n_train / BATCH_SIZE)
 if world > 1:  # data parallel: gradients, dead-feature counters and BatchTopK thresholds are combined below
     print(f"Data parallel over {world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): effective batch "
           f"{BATCH_SIZE * world} tokens per step (BATCH_SIZE={BATCH_SIZE} per process), LR {LR}")
-run_record = {"format": FORMAT, "config": config, "sae_config": sae.config, "provenance": provenance}
+run_record = {"format": FORMAT, "config": config, "sae_config": sae.config, "provenance": provenance, "record": record}
 chunk_tokens = runtime.eval_chunk_tokens(device, acts.d)
 gc.freeze()  # what exists now (modules, data, model) is never garbage: collections during training skip it
 t_start, tokens_seen = time.time(), 0
@@ -303,7 +303,7 @@ if EVAL_LM:
         metrics["lm_eval"] = {"skipped": str(e)}
         print(f"LM evaluation skipped: {e}")
     if location is not None:
-        model_dtype = runtime.pick_dtype(acts.meta.get("config", {}).get("DTYPE", "auto"), device)
+        model_dtype = runtime.pick_dtype(acts.meta.get("dtype_setting", "auto"), device)
         model = lm.load_model(location, device, model_dtype)
         chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
         examples = [(np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]),

@@ -74,7 +74,7 @@ def resolve_model(name: str, cache_dir: str | None = None) -> ModelLocation:
 
 def resolve_from_meta(meta: dict) -> ModelLocation:
     """Where to load the model that an activations file was extracted from (its name and cache)."""
-    return resolve_model(meta["model"], meta.get("config", {}).get("CACHE_DIR"))
+    return resolve_model(meta["model"], meta.get("cache_dir"))
 
 
 def unloadable(name: str, error: Exception) -> str:

@@ -101,21 +101,9 @@ def feature_table(rows, width: int = 140) -> list[str]:
     return lines
 
 
-RECORD_ID = "run-record"
-
-
-def read_record(html_text: str) -> dict | None:
-    """The JSON run record embedded by `render` (what made the report), or None."""
-    start = html_text.find(f'<script type="application/json" id="{RECORD_ID}">')
-    if start < 0:
-        return None
-    start = html_text.index(">", start) + 1
-    return json.loads(html_text[start:html_text.index("</script>", start)])  # JSON decodes <\/ itself
-
-
-def render(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
+def render_report(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
            auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
-           template_rows: list[dict] = (), label_note: str | None = None, record: dict | None = None) -> str:
+           template_rows: list[dict] = (), label_note: str | None = None) -> str:
     hist = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
@@ -191,8 +179,5 @@ def render(title: str, config: dict, metrics: dict, history: list, prevalence: n
                   f"<td>{100 * r['share']:.0f}%</td></tr>" for r in template_rows]
         parts.append("</table>")
     parts.append(f"<details><summary>Configuration</summary><pre>{_esc(json.dumps(config, indent=2))}</pre></details>")
-    if record is not None:  # machine-readable: lets run_pipeline.py tell whether the report is up to date
-        blob = json.dumps(record).replace("</", "<\\/")
-        parts.append(f'<script type="application/json" id="{RECORD_ID}">{blob}</script>')
     parts.append("</body></html>")
     return "\n".join(parts)

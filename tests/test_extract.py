@@ -147,7 +147,7 @@ def test_resume_after_kill_equals_clean_run(tiny_model, tmp_path):
             if key != "meta":
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         meta_a, meta_b = (json.loads(str(f["meta"])) for f in (a, b))
-        assert meta_a["config"].pop("OUTPUT_DIR") != meta_b["config"].pop("OUTPUT_DIR")
+        assert meta_a["record"]["config"].pop("OUTPUT_DIR") != meta_b["record"]["config"].pop("OUTPUT_DIR")
         assert meta_a == meta_b
 
 

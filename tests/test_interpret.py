@@ -293,10 +293,11 @@ def test_an_unfinished_checkpoint_is_named_as_such(tmp_path, trained):
     assert "is an unfinished run" not in interpret(tmp_path, trained).stdout
 
 
-def test_a_full_disk_leaves_both_old_outputs(tmp_path, trained):
+def test_a_full_disk_leaves_all_old_outputs(tmp_path, trained):
     import resource
     interpret(tmp_path, trained)
-    old = (tmp_path / "interpretations.csv").read_bytes(), (tmp_path / "report.html").read_bytes()
+    names = ["interpretations.csv", "report.html", "report.json"]
+    old = [(tmp_path / name).read_bytes() for name in names]
     acts, ckpt, dataset = trained
     base = [f"--activations_path={acts}", f"--sae_checkpoint={ckpt}", f"--dataset_path={dataset}", "--n_top_neurons=2",
             f"--output_csv={tmp_path / 'interpretations.csv'}", f"--report_html={tmp_path / 'report.html'}"]
@@ -305,6 +306,6 @@ def test_a_full_disk_leaves_both_old_outputs(tmp_path, trained):
                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "the previous outputs are unchanged" in proc.stderr
-    assert ((tmp_path / "interpretations.csv").read_bytes(), (tmp_path / "report.html").read_bytes()) == old
-    assert sorted(os.listdir(tmp_path)) == sorted(["interpretations.csv", "report.html"])
+    assert [(tmp_path / name).read_bytes() for name in names] == old
+    assert sorted(os.listdir(tmp_path)) == names
 

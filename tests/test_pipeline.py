@@ -6,7 +6,7 @@ import torch
 
 from conftest import run_script, tiny_records, write_jsonl
 from fake_openai import FakeOpenAI
-from sae.report import read_record
+from sae.provenance import read_record
 
 
 def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp_path):
@@ -27,10 +27,10 @@ def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp
     ckpt = torch.load(tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt", weights_only=True)
     assert ckpt["config"]["ACTIVATIONS_PATH"].endswith("activations_layer2.npz") and ckpt["metrics"]["l0"] > 0
     assert len(pd.read_csv(tmp_path / "interpretations.csv")) == 5
-    assert read_record((tmp_path / "report.html").read_text())["config"]["K"] == 4
+    assert read_record(str(tmp_path / "report.json"))["config"]["K"] == 4
 
-    second = run_script("run_pipeline.py", *args, cwd=tmp_path, env=env)
-    assert second.stdout.count("up to date, skipped") == 3
+    second = run_script("run_pipeline.py", *args, "--batch_tokens=256", cwd=tmp_path, env=env)
+    assert second.stdout.count("up to date, skipped") == 3, "batching does not change the activations"
 
     third = run_script("run_pipeline.py", *args, "--k=2", cwd=tmp_path, env=env)
     assert third.stdout.count("up to date, skipped") == 1
@@ -66,7 +66,8 @@ def test_corrupt_outputs_are_redone_not_a_traceback(tiny_model, tmp_path):
     (tmp_path / "checkpoints" / "t").mkdir(parents=True)
     (tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "interpretations.csv").write_text("x")
-    (tmp_path / "report.html").write_text('<script type="application/json" id="run-record">{broken</script>')
+    (tmp_path / "report.html").write_text("<html>")
+    (tmp_path / "report.json").write_text('{"record": {broken')
     args = [f"--model_name={tiny_model}", f"--dataset_path={dataset}", f"--output_dir={tmp_path / 'acts'}",
             "--layer_idx=2", "--m=16", "--k=4", "--n_epochs=1", "--batch_size=64", "--run_name=t", "--eval_lm=False",
             "--n_top_neurons=3", "--n_examples=2"]

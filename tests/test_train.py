@@ -12,6 +12,7 @@ import torch
 
 from conftest import ROOT, make_activations, run_script
 from sae.checkpoint import load_checkpoint
+from sae.data import sha256_file
 from sae.selection import TokenSelection
 from sae.stream import MixingStream, split_examples
 from sae.activations import open_activations
@@ -37,7 +38,8 @@ def test_train_prints_metrics_and_writes_loadable_checkpoint(tmp_path, acts_path
     path = tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt"
     ckpt = torch.load(path, weights_only=True)
     assert "resume" not in ckpt and ckpt["epoch"] == 4 and ckpt["config"]["M"] == 16
-    assert ckpt["provenance"]["activations_sha256"] and ckpt["provenance"]["train_tokens"] == "distinct"
+    assert ckpt["record"]["inputs"]["activations"] == sha256_file(acts_path)
+    assert ckpt["provenance"]["train_tokens"] == "distinct"
     assert "steps_since_fired" in ckpt["state_dict"] and "scale" in ckpt["state_dict"]
     history = ckpt["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"], "the loss should fall"
@@ -189,7 +191,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, acts_path):
     shutil.copy(tmp_path / "checkpoints" / "r" / "SAE_M=16_K=4.pt", tmp_path / "keep.pt")
     proc = train(tmp_path, acts_path, "--n_epochs=2", "--run_name=r", "--resume=True", "--lr=0.01", "--eval_lm=False",
                  check=False)
-    assert proc.returncode != 0 and "trained with other settings (LR differ)" in proc.stderr, proc.stderr
+    assert proc.returncode != 0 and "trained with other settings or data (differs: setting LR)" in proc.stderr, proc.stderr
 
 
 def test_two_trainings_of_one_checkpoint_do_not_run_at_once(tmp_path, acts_path):
