@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from sae import chat, dist, forward, lm, runtime
-from sae.activations import StreamingNpzWriter, open_activations
+from sae.activations import StreamingNpzWriter, examples_between, open_activations
 from sae.config import configure, fail
-from sae.files import NO_SPACE, Busy, activations_path, lock_output, unwritable, write_text_atomic
+from sae.files import NO_SPACE, Busy, activations_path, lock_output, share_path, unwritable, write_text_atomic
 from sae.provenance import differences, make_record
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 
@@ -134,14 +134,7 @@ print(f"Truncated to MAX_LENGTH={MAX_LENGTH}: {n_cut_examples} examples ({n_cut_
 rank, world = dist.rank(), dist.world()
 first, last = dist.share_by_tokens(offsets, world)[rank:rank + 2] if world > 1 else (0, n_examples)
 out_paths = {L: activations_path(OUTPUT_DIR, L) for L in layers}
-
-
-def share_path(layer, r):
-    """Where process r of a torchrun extraction writes its share of a layer (hidden until joined)."""
-    return os.path.join(OUTPUT_DIR, f".activations_layer{layer}.rank{r}of{world}.npz")
-
-
-part_paths = {L: share_path(L, rank) if world > 1 else p for L, p in out_paths.items()}
+part_paths = {L: share_path(p, rank, world) if world > 1 else p for L, p in out_paths.items()}
 progress_path = os.path.join(OUTPUT_DIR, f".extract_progress{f'.rank{rank}of{world}' if world > 1 else ''}.json")
 try:
     lock_output(progress_path)  # one extraction per output folder (and rank) at a time
@@ -150,54 +143,47 @@ except Busy as e:
 record = make_record("extract", config, {"dataset": dataset_sha256})
 work = {"n_tokens": n_tokens, "layers": layers, "share": [first, last], "format": 1}  # this process's part of it
 store_dtype = np.dtype(STORE_DTYPE)
-
-
-def small_arrays(a, b, layer):
-    """Everything but the activations of `layer` for examples a:b, offsets counted from a."""
-    meta = {"model": MODEL_NAME, "model_source": location.source, "n_layers": n_blocks, "hidden_size": d_model,
+meta = {L: {"model": MODEL_NAME, "model_source": location.source, "n_layers": n_blocks, "hidden_size": d_model,
             "dtype": str(dtype).replace("torch.", ""), "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH,
             "chat_template": use_template, "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256,
             "text_field": TEXT_FIELD, "label_field": label_field, "n_examples": n_examples, "n_tokens": n_tokens,
             "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
             "roles": {"0": "special/template (and each example's first token)", "1": "system", "2": "user",
-                      "3": "assistant"}, "layer": layer, "hook": f"blocks.{layer}.hook_resid_post",
-            "dtype_setting": DTYPE, "cache_dir": CACHE_DIR, "record": record}
-    arrays = {"offsets": offsets[a:b + 1] - offsets[a], "token_ids": np.concatenate(ids_per_example[a:b]),
-              "token_role": np.concatenate(roles_per_example[a:b]),
-              "example_index": np.asarray(example_index[a:b], dtype=np.int64), "meta": np.array(json.dumps(meta))}
-    if label_field is not None:
-        arrays["labels"] = np.asarray(labels[a:b], dtype=str)
-    return arrays
+                      "3": "assistant"}, "layer": L, "hook": f"blocks.{L}.hook_resid_post",
+            "dtype_setting": DTYPE, "cache_dir": CACHE_DIR, "record": record} for L in layers}
+# the small arrays of every example, sliced for each file by examples_between
+examples = {"offsets": offsets, "token_ids": np.concatenate(ids_per_example), "token_role": np.concatenate(roles_per_example),
+            "example_index": np.asarray(example_index), "labels": np.asarray(labels, dtype=str) if label_field else None}
 
 
-progress = None
-if all(os.path.isfile(p) for p in part_paths.values()) and world > 1:
+def save_progress(path, record, work, examples_done, writers):
+    """What resuming needs: the settings, this process's work, the examples done and each file's writer state."""
+    write_text_atomic(path, json.dumps({"record": record, "work": work, "examples_done": examples_done,
+                                        "writers": {str(L): w.state() for L, w in writers.items()}}))
+
+
+share_finished = world > 1 and all(os.path.isfile(p) for p in part_paths.values())
+saved = None  # the saved state of an unfinished extraction with these settings: resumed from
+if share_finished:
     print(f"rank {rank}: share already extracted ({first}..{last})")
-    progress = "finished"
 elif os.path.isfile(progress_path):
     with open(progress_path) as f:
-        progress = json.load(f)
-    if differences(progress.get("record"), record, continuing=True) or progress.get("work") != work or not all(
+        saved = json.load(f)
+    if differences(saved.get("record"), record, continuing=True) or saved.get("work") != work or not all(
             os.path.isfile(p + ".partial") for p in part_paths.values()):
         print("Found an unfinished extraction with other settings or data; starting over")
-        progress = None
+        saved = None
 processed, elapsed = 0, 0.0
-if progress != "finished":
-    done = progress["examples_done"] if progress else first
+if not share_finished:
+    done = saved["examples_done"] if saved else first
     if done > first:
         print(f"Resuming after example {done} of {n_examples}")
     share_tokens = int(offsets[last] - offsets[first])
     writers = {L: StreamingNpzWriter(p, (share_tokens, d_model), store_dtype,
-                                     state=progress["writers"][str(L)] if progress else None)
+                                     state=saved["writers"][str(L)] if saved else None)
                for L, p in part_paths.items()}
-
-    def save_progress(examples_done):
-        state = {"record": record, "work": work, "examples_done": examples_done,
-                 "writers": {str(L): w.state() for L, w in writers.items()}}
-        write_text_atomic(progress_path, json.dumps(state))
-
-    if not progress:
-        save_progress(first)
+    if not saved:
+        save_progress(progress_path, record, work, first, writers)
 
     # ---- load the weights and run
     t0 = time.time()
@@ -239,13 +225,13 @@ if progress != "finished":
                 bar.update(int(lengths[batch].sum()))
             for L in layers:
                 writers[L].append(window[L])
-            save_progress(end)
+            save_progress(progress_path, record, work, end, writers)
             start = end
         bar.close()
         elapsed = time.time() - t_start
         # ---- outputs: small arrays and metadata, then the rename that makes each file final
         for L in layers:
-            writers[L].finish(small_arrays(first, last, L))
+            writers[L].finish(**examples_between(examples, first, last), meta=meta[L])
         os.remove(progress_path)
     except OSError as e:
         if e.errno in NO_SPACE:
@@ -258,13 +244,13 @@ if world > 1:
     dist.barrier()
     if rank == 0:
         for L, path in out_paths.items():
-            shares = [share_path(L, r) for r in range(world)]
+            shares = [share_path(path, r, world) for r in range(world)]
             writer = StreamingNpzWriter(path, (n_tokens, d_model), store_dtype)
             for share in shares:
                 part = open_activations(share)
                 for s in range(0, part.n_tokens, WINDOW_TOKENS):
                     writer.append(part.read_rows(s, min(s + WINDOW_TOKENS, part.n_tokens)))
-            writer.finish(small_arrays(0, n_examples, L))
+            writer.finish(**examples, meta=meta[L])
             for share in shares:
                 os.remove(share)
     processed, elapsed = dist.sum_and_max(processed, elapsed)

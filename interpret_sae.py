@@ -31,12 +31,13 @@ import pandas as pd
 
 from sae import lm, runtime
 from sae.activations import ActivationFileError, open_activations
-from sae.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, unfinished_path
+from sae.checkpoint import CheckpointError, load_checkpoint
 from sae.config import configure, fail, redacted
 from sae.data import sha256_file
-from sae.files import NO_SPACE, Busy, lock_output, text_writer, unwritable, write_all_atomic
+from sae.files import NO_SPACE, Busy, checkpoint_path, lock_output, text_writer, unfinished_path, unwritable, write_all_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
-                          distinctive_tokens, example_features, labels_covered, mark_peak, template_features)
+                          distinctive_tokens, example_features, labels_covered, mark_peak, template_features, token_text)
+from sae.interpretation import CSV_COLUMNS, Feature, Score, Source, annotate_prompt, describe_prompt
 from sae.llm import AuthenticationFailed, CachedChat
 from sae.provenance import interpretation_inputs, interpretation_record_path, make_record
 from sae.report import feature_table, render_report
@@ -173,65 +174,32 @@ token_counts = Counter(np.asarray(acts.token_ids).tolist())
 rng = np.random.default_rng(SEED)
 
 
-def tokens_of(i):
-    a, b = int(acts.offsets[i]), int(acts.offsets[i + 1])
-    return np.asarray(acts.token_ids[a:b]), np.asarray(acts.token_role[a:b])
-
-
-def snippet(i, f):
-    ids, roles = tokens_of(i)
-    return mark_peak(tokenizer, ids, roles, int(peak_NM[i, f]), CONTEXT_TOKENS)
-
-
-def plain(i):
-    ids, roles = tokens_of(i)
-    return content_text(tokenizer, ids, roles, 4 * CONTEXT_TOKENS)
-
-
 best_label_M, best_auroc_M = best_labels(auroc_LM) if auroc_LM is not None else (None, None)
 features = {}
 for f in selected:
     order = np.argsort(-max_NM[:, f], kind="stable")
     firing = order[max_NM[order, f] > 0]
-    silent = np.flatnonzero(~active_NM[:, f])
-    silent = rng.permutation(silent)
-    shown, held_out = firing[:N_EXAMPLES], firing[N_EXAMPLES:N_EXAMPLES + N_SCORE_EXAMPLES]
-    shown_silent = silent[:N_EXAMPLES]
-    held_silent = silent[N_EXAMPLES:N_EXAMPLES + len(held_out)]
-    peak_ids = np.array([tokens_of(i)[0][peak_NM[i, f]] for i in firing])
+    silent = rng.permutation(np.flatnonzero(~active_NM[:, f]))
+    n_held = len(firing[N_EXAMPLES:N_EXAMPLES + N_SCORE_EXAMPLES])  # as many silent ones held out as firing ones
+    marked = [mark_peak(tokenizer, *acts.tokens(i), int(peak_NM[i, f]), CONTEXT_TOKENS)
+              for i in firing[:N_EXAMPLES + n_held]]
+    plain = [content_text(tokenizer, *acts.tokens(i), 4 * CONTEXT_TOKENS) for i in silent[:N_EXAMPLES + n_held]]
+    peak_ids = np.array([acts.tokens(i)[0][peak_NM[i, f]] for i in firing])
     best_label = best_auroc = None
     if auroc_LM is not None and best_label_M[f] >= 0:
         best_label, best_auroc = label_names[best_label_M[f]], float(best_auroc_M[f])
     top_tokens = distinctive_tokens(peak_ids, token_counts, acts.n_tokens, tokenizer)
-    shown_snippets = [snippet(i, f) for i in shown]
-    features[f] = {"shown": shown_snippets, "shown_silent": [plain(i) for i in shown_silent],
-                   "held_out": [snippet(i, f) for i in held_out], "held_silent": [plain(i) for i in held_silent],
-                   "top_tokens": top_tokens, "top_label": best_label, "top_label_auroc": best_auroc,
-                   "kind": "template" if is_template[f] else "content",
-                   "interpretation": data_description(best_label, best_auroc, top_tokens,
-                                                      shown_snippets[0] if shown_snippets else None),
-                   "source": "data", "precision": None, "recall": None, "f1": None}
+    features[f] = Feature(
+        index=int(f), template=bool(is_template[f]), prevalence=float(prevalence[f]),
+        mean_activation=float(mean_activation[f]),
+        template_share=None if np.isnan(template_share[f]) else float(template_share[f]), top_tokens=top_tokens,
+        top_label=best_label, top_label_auroc=best_auroc,
+        description=data_description(best_label, best_auroc, top_tokens, marked[0] if marked else None),
+        shown=marked[:N_EXAMPLES], held_out=marked[N_EXAMPLES:], shown_silent=plain[:N_EXAMPLES],
+        held_silent=plain[N_EXAMPLES:])
 
 
 # ---- LLM descriptions and scores
-def describe_prompt(f):
-    d = features[f]
-    active = "\n".join(f"{j + 1}. {s}" for j, s in enumerate(d["shown"]))
-    inactive = "\n".join(f"{j + 1}. {s}" for j, s in enumerate(d["shown_silent"]))
-    return [{"role": "system", "content": "You label features of a sparse autoencoder trained on a language "
-                                          "model's activations. Answer with the description only."},
-            {"role": "user", "content": f"Dataset: {TASK_HINT}.\n\nTexts where the feature is active; the token "
-             f"where it is most active is marked «like this»:\n{active}\n\nTexts where the feature is not active:\n"
-             f"{inactive}\n\nIn one short, concrete phrase (under 15 words), what property do the active texts "
-             f"share that the inactive ones lack?"}]
-
-
-def annotate_prompt(description, text):
-    return [{"role": "system", "content": "You check whether a text matches a description. Answer yes or no."},
-            {"role": "user", "content": f"Description: {description}\n\nText: {text.replace('«', '').replace('»', '')}"
-                                        f"\n\nDoes the text match the description? Answer with one word: yes or no."}]
-
-
 api_key = os.environ.get("OPENAI_API_KEY")
 base_url = OPENAI_BASE_URL or os.environ.get("OPENAI_BASE_URL")
 out_dir = os.path.dirname(os.path.abspath(OUTPUT_CSV))
@@ -242,34 +210,28 @@ if api_key or base_url:
                       RETRY_BASE_S)
     print(f"LLM: {OPENAI_MODEL} describes, {ANNOTATOR_MODEL} scores, at {chat.url}")
     try:  # descriptions of the selected features, then their scores on held-out examples
-        describe = lambda f: chat.ask(OPENAI_MODEL, describe_prompt(f), temperature=0.0, max_tokens=60)  # noqa: E731
+        describe = lambda f: chat.ask(OPENAI_MODEL, describe_prompt(features[f], TASK_HINT), temperature=0.0,  # noqa: E731
+                                      max_tokens=60)  # noqa: E731
         if selected:  # the first request alone: a refused key stops here, not after N_WORKERS requests
             describe(selected[0])
         with ThreadPoolExecutor(N_WORKERS) as pool:
             answers = dict(zip(selected, pool.map(describe, selected)))  # the first from the cache
             for f, answer in answers.items():
                 if answer:
-                    features[f].update(interpretation=answer, source="llm")
+                    features[f].description, features[f].source = answer, Source.LLM
                 else:  # the data's description stays, and says so
-                    features[f]["source"] = "data (the LLM gave no answer; see the log)"
+                    features[f].source = Source.DATA_NO_ANSWER
             if SCORE:
                 jobs = [(f, text, truth) for f in selected if answers[f]
-                        for texts, truth in ((features[f]["held_out"], True), (features[f]["held_silent"], False))
+                        for texts, truth in ((features[f].held_out, True), (features[f].held_silent, False))
                         for text in texts]
                 votes = list(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
                                                            temperature=0.0, max_tokens=2), jobs))
                 for f in selected:
                     pairs = [(v.lower().startswith("yes"), truth) for (g, _, truth), v in zip(jobs, votes)
                              if g == f and v is not None]
-                    if not pairs:
-                        continue
-                    tp = sum(p and t for p, t in pairs)
-                    fp = sum(p and not t for p, t in pairs)
-                    fn = sum(t and not p for p, t in pairs)
-                    precision = tp / (tp + fp) if tp + fp else 0.0
-                    recall = tp / (tp + fn) if tp + fn else 0.0
-                    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-                    features[f].update(precision=precision, recall=recall, f1=f1)
+                    if pairs:
+                        features[f].score = Score.from_votes(pairs)
     except AuthenticationFailed as e:
         fail(str(e))
     unreachable = chat.unreachable
@@ -280,54 +242,16 @@ else:
 
 # ---- console
 for f in selected:
-    d = features[f]
-    score = f" (F1 {d['f1']:.2f})" if d["f1"] is not None else ""
-    kind = " [template feature]" if d["kind"] == "template" else ""
-    print(f"\nNeuron {f} ({100 * prevalence[f]:.1f}% active){kind}: {d['interpretation']}{score}")
-    tokens = ", ".join(f"{t!r}×{c}" for t, c in d["top_tokens"])
-    if tokens:
-        print(f"  distinctive peak tokens: {tokens}")
-    for s in d["shown"][:3]:
-        print(f"  - {s}")
+    print("\n" + features[f].console())
 
 # ---- outputs (each written to a temporary name, then renamed)
-columns = ["neuron_idx", "kind", "prevalence", "mean_activation", "template_share", "interpretation", "source", "f1",
-           "precision", "recall", "top_label", "top_label_auroc", "top_tokens"] + [f"top_example_{j}" for j in range(1, 6)]
-rows = []
-for f in selected:
-    d = features[f]
-    share = None if np.isnan(template_share[f]) else float(template_share[f])
-    row = {"neuron_idx": f, "kind": d["kind"], "prevalence": float(prevalence[f]),
-           "mean_activation": float(mean_activation[f]), "template_share": share, "interpretation": d["interpretation"],
-           "source": d["source"], "f1": d["f1"], "precision": d["precision"], "recall": d["recall"],
-           "top_label": d["top_label"], "top_label_auroc": d["top_label_auroc"],
-           "top_tokens": "; ".join(f"{t} ({c})" for t, c in d["top_tokens"])}
-    for j in range(5):
-        row[f"top_example_{j + 1}"] = d["shown"][j] if j < len(d["shown"]) else ""
-    rows.append(row)
+rows = [features[f].csv_row() for f in selected]
 
 
-def token_text(token_id):
-    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(token_id))]) if token_id >= 0 else ""
-
-
-cards = []
-for f in selected:
-    d = features[f]
-    stats = [f"{100 * prevalence[f]:.1f}% of examples", f"mean activation {mean_activation[f]:.3g}"]
-    if d["kind"] == "template":
-        stats.append(f"template feature ({100 * template_share[f]:.0f}% of its activation on template positions)")
-    if d["f1"] is not None:
-        stats.append(f"F1 {d['f1']:.2f} (precision {d['precision']:.2f}, recall {d['recall']:.2f})")
-    if d["top_label"]:
-        stats.append(f"best label {d['top_label']} (AUROC {d['top_label_auroc']:.2f})")
-    if d["top_tokens"]:
-        stats.append("peak tokens: " + ", ".join(repr(t) for t, _ in d["top_tokens"]))
-    cards.append({"neuron_idx": f, "title": f"Feature {f}", "interpretation": d["interpretation"],
-                  "source": d["source"], "stats": " · ".join(stats), "examples": d["shown"]})
-template_rows = [{"neuron_idx": int(f), "peak_token": token_text(ex.peak_token_M[f]), "share": float(template_share[f])}
+cards = [features[f].card() for f in selected]
+template_rows = [{"neuron_idx": int(f), "peak_token": token_text(tokenizer, ex.peak_token_M[f]), "share": float(template_share[f])}
                  for f in np.flatnonzero(is_template)[np.argsort(-template_share[is_template], kind="stable")]]
-n_described = sum(1 for f in selected if features[f]["source"] == "llm")
+n_described = sum(1 for f in selected if features[f].source is Source.LLM)
 llm_note = chat.summary() if chat else ("Descriptions come from the data (best label, peak tokens, a top example); "
                                         "set OPENAI_API_KEY or OPENAI_BASE_URL for LLM descriptions.")
 metrics = dict(ckpt.get("metrics", {}))
@@ -341,7 +265,7 @@ record = make_record("interpret", config, interpretation_inputs(ckpt_path, DATAS
                      complete=chat is None or n_described == len(selected))  # complete: every feature described
 record_path = interpretation_record_path(REPORT_HTML)
 try:  # all outputs, or none: an old report never sits beside a new CSV
-    write_all_atomic({OUTPUT_CSV: lambda tmp: pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False),
+    write_all_atomic({OUTPUT_CSV: lambda tmp: pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp, index=False),
                       REPORT_HTML: text_writer(html),
                       record_path: text_writer(json.dumps({"record": record, "n_selected": len(selected),
                                                            "n_described": n_described}, indent=2))})
@@ -356,7 +280,7 @@ print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described by a
 # ---- the selected features at a glance
 print(f"\nSelected features ({len(selected)} of {sae.m}, {selected_by}; share of examples active; description "
       f"from {'the LLM' if n_described else 'the data'}):")
-print("\n".join(feature_table((f, prevalence[f], features[f]["interpretation"]) for f in selected)))
+print("\n".join(feature_table((f, prevalence[f], features[f].description) for f in selected)))
 if unreachable:
     fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "
          f"LLM descriptions were written ({OUTPUT_CSV}, {REPORT_HTML}); check OPENAI_BASE_URL and rerun")

@@ -22,10 +22,10 @@ import time
 import pandas as pd
 
 from sae.activations import open_activations
-from sae.checkpoint import checkpoint_path
 from sae.config import fail, parse_value, script_knobs
 from sae.data import sha256_file
-from sae.files import activations_path
+from sae.launch import launcher
+from sae.files import activations_path, checkpoint_path
 from sae.provenance import differences, interpretation_inputs, interpretation_record_path, make_record, read_record
 from sae.report import feature_table
 
@@ -97,27 +97,26 @@ def readable(read, path):
         return None
 
 
+def up_to_date(outputs: list[str], wanted) -> str | None:
+    """Why a step's outputs are current, or None when it must run: they all exist and the last one holds the
+    record `wanted()` (called only then: it hashes the inputs) gives."""
+    if not all(os.path.isfile(p) for p in outputs):
+        return None
+    stored = readable(read_record, outputs[-1])
+    if stored is None or differences(stored, wanted()):
+        return None
+    return f"{', '.join(outputs)} record{'s' if len(outputs) == 1 else ''} the same settings and inputs"
+
+
 llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
                or os.environ.get("OPENAI_API_KEY"))
 csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
-OUTPUTS = {"extract": [acts_path], "train": [ckpt_path], "interpret": [csv, html, interpretation_record_path(html)]}
-INPUTS = {"extract": {"dataset": dataset}, "train": {"activations": acts_path}, "interpret": {}}
-
-
-def up_to_date(step) -> str | None:
-    """Why the step's outputs are current (each records the same settings and inputs), or None when it must run."""
-    needed = OUTPUTS[step] + list(INPUTS[step].values()) + ([ckpt_path, dataset] if step == "interpret" else [])
-    if not all(os.path.isfile(p) for p in needed):
-        return None
-    if step == "interpret":
-        inputs = interpretation_inputs(ckpt_path, dataset, llm_now)
-    else:
-        inputs = {name: sha256_file(p) for name, p in INPUTS[step].items()}
-    wanted = make_record(step, config[step], inputs, nproc if step == "train" else 1)
-    stored = readable(read_record, OUTPUTS[step][-1])
-    if stored is None or differences(stored, wanted):
-        return None
-    return f"{', '.join(OUTPUTS[step])} record{'s' if step != 'interpret' else ''} the same settings and inputs"
+outputs = {"extract": [acts_path], "train": [ckpt_path], "interpret": [csv, html, interpretation_record_path(html)]}
+wanted = {"extract": lambda: make_record("extract", config["extract"], {"dataset": sha256_file(dataset)}),
+          "train": lambda: make_record("train", config["train"], {"activations": sha256_file(acts_path)}, nproc),
+          "interpret": lambda: make_record("interpret", config["interpret"],
+                                           interpretation_inputs(ckpt_path, dataset, llm_now))}
+inputs = {"extract": [dataset], "train": [acts_path], "interpret": [ckpt_path, dataset]}
 
 
 # ---- the steps, in order
@@ -125,12 +124,12 @@ t_total = time.time()
 for n, step in enumerate(SCRIPTS, 1):
     if step not in steps:
         continue
-    launcher = [sys.executable]
-    if nproc > 1 and step in ("extract", "train"):  # PyTorch's own launcher; one process per GPU or CPU share
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*launcher, os.path.join(ROOT, SCRIPTS[step]), *args[step]]
+    # one process per GPU or CPU share for the steps that split their work
+    command = [*launcher(sys.executable, nproc if step in ("extract", "train") else 1), os.path.join(ROOT, SCRIPTS[step]),
+               *args[step]]
     print(f"\n==== step {n}/3: {step} ({' '.join(command[1:]).replace(ROOT + os.sep, '')})", flush=True)
-    reason = None if force else up_to_date(step)
+    current = not force and all(os.path.isfile(p) for p in inputs[step])  # else the step says what is missing
+    reason = up_to_date(outputs[step], wanted[step]) if current else None
     if reason:
         print(f"up to date, skipped: {reason}")
         continue

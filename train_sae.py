@@ -23,13 +23,13 @@ from tqdm import tqdm
 
 from sae import dist, lm, lm_eval, runtime
 from sae.activations import ActivationFileError, open_activations
-from sae.checkpoint import FORMAT, checkpoint_path, save_checkpoint, unfinished_path
+from sae.checkpoint import FORMAT, save_checkpoint
 from sae.config import configure, fail
 from sae.data import sha256_file
 from sae.metrics import reconstruction_metrics
 from sae.provenance import differences, make_record
 from sae.model import SparseAutoencoder, check_config, default_prefixes
-from sae.files import NO_SPACE, Busy, lock_output, unwritable, write_text_atomic
+from sae.files import NO_SPACE, Busy, checkpoint_path, lock_output, unfinished_path, unwritable, write_text_atomic
 from sae.features import label_metrics
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
 from sae.step import pick_step

@@ -13,14 +13,14 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from sae.launch import launcher  # noqa: E402
 EPOCHS = 5
 
 
 def wall(nproc, script, *args, cwd):
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                   if nproc > 1 else [])
     t0 = time.time()
-    proc = subprocess.run([*launcher, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([*launcher(sys.executable, nproc), os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
                           env=dict(os.environ, TQDM_DISABLE="1"))
     if proc.returncode:
         sys.exit(f"{script} on {nproc} processes failed:\n{proc.stderr[-3000:]}")

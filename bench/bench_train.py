@@ -10,7 +10,6 @@ HypotheSAEs is installed with `pip install --no-deps hypothesaes` and its sae.py
     python bench/bench_train.py                       # default activations, 5 epochs
     python bench/bench_train.py --memory              # also peak RSS on the file and on one 4x larger
 """
-import json
 import os
 import re
 import shutil
@@ -105,9 +104,8 @@ def main():
                 w.append(acts.activations[s:s + (1 << 16)])
         offsets = np.concatenate([acts.offsets[:-1] + r * acts.n_tokens for r in range(4)] + [[4 * acts.n_tokens]])
         meta = dict(acts.meta, n_examples=4 * acts.n_examples, n_tokens=4 * acts.n_tokens)
-        w.finish({"offsets": offsets, "token_ids": np.tile(acts.token_ids, 4), "token_role": np.tile(acts.token_role, 4),
-                  "example_index": np.tile(acts.example_index, 4), "labels": np.tile(acts.labels, 4),
-                  "meta": np.array(json.dumps(meta))})
+        w.finish(offsets, np.tile(acts.token_ids, 4), np.tile(acts.token_role, 4), np.tile(acts.example_index, 4), meta,
+                 np.tile(acts.labels, 4))
         rss = {}
         for name, path in (("1x", ACTS), ("4x", big)):
             out = run_ours(path, f"bench_mem_{name}", timed=True, epochs=2)

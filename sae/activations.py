@@ -96,9 +96,18 @@ class StreamingNpzWriter:
         os.fsync(self.f.fileno())
         return {"rows": self.rows, "crc": self.crc}
 
-    def finish(self, arrays: dict):
-        """Write the small arrays and the zip directory, then rename to the final path."""
+    def finish(self, offsets, token_ids, token_role, example_index, meta: dict, labels=None):
+        """Write the small arrays of the format (the one place that lists them and their types) and the zip
+        directory, then rename to the final path. offsets: (N + 1) row where each example starts, then the
+        row count; token_ids and token_role (ROLE_* codes): per row; example_index: each example's line in
+        the dataset; meta: JSON-able description (model, layer, dataset, its provenance record); labels:
+        per example, or None."""
         assert self.rows == self.shape[0], f"wrote {self.rows} of {self.shape[0]} rows"
+        arrays = {"offsets": np.asarray(offsets, dtype=np.int64), "token_ids": np.asarray(token_ids, dtype=np.int32),
+                  "token_role": np.asarray(token_role, dtype=np.int8),
+                  "example_index": np.asarray(example_index, dtype=np.int64), "meta": np.array(json.dumps(meta))}
+        if labels is not None:
+            arrays["labels"] = np.asarray(labels, dtype=str)
         self.f.seek(14)  # CRC-32 field of the local header
         self.f.write(struct.pack("<I", self.crc))
         self.f.seek(0, os.SEEK_END)
@@ -123,6 +132,15 @@ class StreamingNpzWriter:
 
     def close(self):
         self.f.close()
+
+
+def examples_between(arrays: dict, a: int, b: int) -> dict:
+    """The small arrays of examples a:b (offsets, token_ids, token_role, example_index, labels or None, as
+    StreamingNpzWriter.finish takes them), offsets counted from example a."""
+    start, stop = int(arrays["offsets"][a]), int(arrays["offsets"][b])
+    return {"offsets": arrays["offsets"][a:b + 1] - start, "token_ids": arrays["token_ids"][start:stop],
+            "token_role": arrays["token_role"][start:stop], "example_index": arrays["example_index"][a:b],
+            "labels": None if arrays["labels"] is None else arrays["labels"][a:b]}
 
 
 class ActivationFileError(Exception):
@@ -228,6 +246,11 @@ class Activations:
 
     def example(self, i: int) -> np.ndarray:
         return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+    def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Example i's token ids and roles."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return np.asarray(self.token_ids[a:b]), np.asarray(self.token_role[a:b])
 
 
 def open_activations(path: str, verify: bool = False) -> Activations:

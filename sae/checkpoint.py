@@ -8,21 +8,10 @@ import os
 
 import torch
 
-from .files import write_atomic
+from .files import unfinished_path, write_atomic
 from .model import SparseAutoencoder
 
 FORMAT = "sae-pipeline-checkpoint-1"
-
-
-def checkpoint_path(run_name: str, m: int, k: int, root: str = "checkpoints") -> str:
-    """The one naming rule every script uses: checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt."""
-    return os.path.join(root, run_name, f"SAE_M={m}_K={k}.pt")
-
-
-def unfinished_path(path: str) -> str:
-    """Where a run that has not finished keeps its state, so that a finished checkpoint at `path` is never
-    replaced by an unfinished one (a killed retrain leaves the finished model in place)."""
-    return (path[:-3] if path.endswith(".pt") else path) + ".unfinished.pt"
 
 
 class _KeepsWriteErrors:

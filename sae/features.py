@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .activations import ROLE_SPECIAL
 from .probe import probe_accuracy
 from .selection import TokenSelection, selected_alone
 from .stream import eval_batches
@@ -117,7 +118,7 @@ def mark_peak(tokenizer, token_ids: np.ndarray, roles: np.ndarray, peak: int, wi
     """Text around the peak token with the peak in «», leaving out chat-template tokens (kept when the
     peak itself is one, since the template is then what the feature responds to)."""
     lo, hi = max(0, peak - window), min(len(token_ids), peak + window + 1)
-    content = [t for t in range(lo, hi) if roles[t] != 0 or roles[peak] == 0]
+    content = [t for t in range(lo, hi) if roles[t] != ROLE_SPECIAL or roles[peak] == ROLE_SPECIAL]
 
     def text(positions):
         return tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(
@@ -126,8 +127,8 @@ def mark_peak(tokenizer, token_ids: np.ndarray, roles: np.ndarray, peak: int, wi
     before = text([t for t in content if t < peak])
     after = text([t for t in content if t > peak])
     peak_text = text([peak])
-    lead = "…" if any(roles[t] != 0 for t in range(0, lo)) else ""
-    tail = "…" if any(roles[t] != 0 for t in range(hi, len(token_ids))) else ""
+    lead = "…" if any(roles[t] != ROLE_SPECIAL for t in range(0, lo)) else ""
+    tail = "…" if any(roles[t] != ROLE_SPECIAL for t in range(hi, len(token_ids))) else ""
     core = peak_text.strip() or peak_text
     space = " " if peak_text[:1].isspace() else ""
     return " ⏎ ".join(f"{lead}{before}{space}«{core}»{after}{tail}".strip().splitlines())
@@ -135,8 +136,8 @@ def mark_peak(tokenizer, token_ids: np.ndarray, roles: np.ndarray, peak: int, wi
 
 def content_text(tokenizer, token_ids: np.ndarray, roles: np.ndarray, max_tokens: int) -> str:
     """The example's non-template text (its first max_tokens tokens)."""
-    keep = [int(t) for t, r in zip(token_ids, roles) if r != 0][:max_tokens]
-    more = "…" if int((roles != 0).sum()) > max_tokens else ""
+    keep = [int(t) for t, r in zip(token_ids, roles) if r != ROLE_SPECIAL][:max_tokens]
+    more = "…" if int((roles != ROLE_SPECIAL).sum()) > max_tokens else ""
     return tokenizer.decode(keep).strip() + more
 
 
@@ -154,7 +155,12 @@ def distinctive_tokens(peak_token_ids: np.ndarray, token_counts: dict, n_tokens:
         ratio = (c / len(peak_token_ids)) / ((token_counts.get(int(t), 0) + 1) / n_tokens)
         scored.append((np.log(ratio), int(c), int(t)))
     scored.sort(reverse=True)
-    return [(tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(t)]), c) for _, c, t in scored[:top]]
+    return [(token_text(tokenizer, t), c) for _, c, t in scored[:top]]
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """One token as the text it stands for ("" for -1: none)."""
+    return tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(int(token_id))]) if token_id >= 0 else ""
 
 
 def template_features(ex: ExampleFeatures, share: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Where outputs go and how they are written: one naming rule for activation files, one atomic write,
+"""Where outputs go and how they are written: one naming rule each for activation files and checkpoints, one atomic write,
 one lock per output, and the checks made before a step's work starts (writable folder, full disk).
 
 Every output is written under a temporary name in its own folder and then renamed, so a finished-looking
@@ -13,6 +13,25 @@ import tempfile
 def activations_path(output_dir: str, layer: int) -> str:
     """The one naming rule for extracted activations: OUTPUT_DIR/activations_layer{L}.npz."""
     return os.path.join(output_dir, f"activations_layer{layer}.npz")
+
+
+def checkpoint_path(run_name: str, m: int, k: int, root: str = "checkpoints") -> str:
+    """The one naming rule every script uses: checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt."""
+    return os.path.join(root, run_name, f"SAE_M={m}_K={k}.pt")
+
+
+def unfinished_path(path: str) -> str:
+    """Where a run that has not finished keeps its state, so that a finished checkpoint at `path` is never
+    replaced by an unfinished one (a killed retrain leaves the finished model in place)."""
+    return (path[:-3] if path.endswith(".pt") else path) + ".unfinished.pt"
+
+
+def share_path(path: str, rank: int, world: int) -> str:
+    """Where process `rank` of `world` writes its share of the output `path` (hidden until joined):
+    folder/.name.rank{r}of{world}.ext."""
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    return os.path.join(folder, f".{stem}.rank{rank}of{world}{ext}")
 
 
 def _umask() -> int:

@@ -9,6 +9,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from sae.launch import launcher  # noqa: E402
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a tiny test model<|im_end|>\n' }}{% endif %}"
@@ -78,11 +79,11 @@ def tiny_dataset(tmp_path):
     return write_jsonl(tmp_path / "tiny.jsonl", tiny_records())
 
 
-def run_script(script: str, *args, cwd=None, check=True, env=None, launcher=(), **kw):
-    """Run one of the pipeline scripts as a user would (through `launcher`, such as torchrun's module,
-    when given); return the CompletedProcess."""
+def run_script(script: str, *args, cwd=None, check=True, env=None, nproc=1, **kw):
+    """Run one of the pipeline scripts as a user would (on `nproc` processes through torchrun when above 1);
+    return the CompletedProcess."""
     env = dict(env or os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+    proc = subprocess.run([*launcher(sys.executable, nproc), os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
@@ -109,12 +110,9 @@ def make_activations(path, n_examples=40, d=16, seed=0, labels=True, nan_example
         acts[offsets[nan_example] + 1, 0] = np.nan
     w = StreamingNpzWriter(str(path), (n, d), np.float16)
     w.append(acts)
-    arrays = {"offsets": offsets, "token_ids": rng.integers(0, 100, n).astype(np.int32), "token_role": roles,
-              "example_index": np.arange(n_examples), "meta": np.array(json.dumps(
-                  {"model": "synthetic", "layer": 1, "hook": "blocks.1.hook_resid_post", "hidden_size": d,
-                   "n_examples": n_examples, "n_tokens": n, "dataset_path": "synthetic.jsonl",
-                   "dataset_sha256": "0" * 64, "max_length": 64}))}
-    if labels:
-        arrays["labels"] = np.array(["a", "b", "c", "d"])[np.arange(n_examples) % 4]
-    w.finish(arrays)
+    meta = {"model": "synthetic", "layer": 1, "hook": "blocks.1.hook_resid_post", "hidden_size": d,
+            "n_examples": n_examples, "n_tokens": n, "dataset_path": "synthetic.jsonl", "dataset_sha256": "0" * 64,
+            "max_length": 64}
+    w.finish(offsets, rng.integers(0, 100, n), roles, np.arange(n_examples), meta,
+             np.array(["a", "b", "c", "d"])[np.arange(n_examples) % 4] if labels else None)
     return str(path)

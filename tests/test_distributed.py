@@ -9,8 +9,7 @@ from sae.checkpoint import load_checkpoint
 
 
 def torchrun(script, *args, cwd):
-    return run_script(script, *args, cwd=cwd,
-                      launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    return run_script(script, *args, cwd=cwd, nproc=2)
 
 
 def test_two_process_extraction_equals_one_and_training_works(tiny_model, tmp_path):

@@ -210,8 +210,7 @@ def _nan_activations(tmp_path, trained):
     rows[acts.offsets[5] + 2, 3] = np.nan
     w = StreamingNpzWriter(str(tmp_path / "nan.npz"), rows.shape, acts.activations.dtype)
     w.append(rows)
-    w.finish({"offsets": acts.offsets, "token_ids": np.asarray(acts.token_ids), "token_role": np.asarray(acts.token_role),
-              "example_index": acts.example_index, "labels": acts.labels, "meta": np.array(json.dumps(acts.meta))})
+    w.finish(acts.offsets, acts.token_ids, acts.token_role, acts.example_index, acts.meta, acts.labels)
     return [f"--activations_path={tmp_path / 'nan.npz'}"]
 
 

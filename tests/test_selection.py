@@ -1,5 +1,4 @@
 """Shared prefixes: found exactly, trained on once, and features that live there classed as template."""
-import json
 
 import numpy as np
 import pytest
@@ -57,10 +56,8 @@ def instruction_file(path, n_examples=30, d=8, seed=0):
         offsets.append(offsets[-1] + INSTRUCTION + n_own)
     w = StreamingNpzWriter(str(path), (offsets[-1], d), np.float32)
     w.append(np.concatenate(acts))
-    w.finish({"offsets": np.array(offsets), "token_ids": np.concatenate(ids).astype(np.int32),
-              "token_role": np.concatenate(roles).astype(np.int8), "example_index": np.arange(n_examples),
-              "labels": np.array(["a", "b", "c"])[np.arange(n_examples) % 3],
-              "meta": np.array(json.dumps({"model": "synthetic", "layer": 1, "dataset_path": "x.jsonl"}))})
+    w.finish(offsets, np.concatenate(ids), np.concatenate(roles), np.arange(n_examples),
+             {"model": "synthetic", "layer": 1, "dataset_path": "x.jsonl"}, np.array(["a", "b", "c"])[np.arange(n_examples) % 3])
     return str(path)
 
 
