@@ -25,7 +25,8 @@ from tqdm import tqdm
 from sae import chat, dist, forward, lm, runtime
 from sae.activations import StreamingNpzWriter, examples_between, open_activations
 from sae.config import configure, fail
-from sae.files import NO_SPACE, Busy, activations_path, lock_output, share_path, unwritable, write_text_atomic
+from sae.files import (NO_SPACE, Busy, activations_path, extract_metrics_path, lock_output, share_path, unwritable,
+                       write_text_atomic)
 from sae.provenance import differences, make_record
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 
@@ -260,5 +261,8 @@ if world > 1:
 if rank == 0:
     for L, path in out_paths.items():
         print(f"Saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB): {n_tokens} tokens × {d_model}")
-    rate = processed / elapsed if elapsed > 0 else float("nan")
-    print(f"Throughput: {rate:.0f} tokens/s ({processed} tokens in {elapsed:.1f}s{f' on {world} processes' if world > 1 else ''})")
+    rate = processed / elapsed if elapsed > 0 else None
+    print(f"Throughput: {rate or float('nan'):.0f} tokens/s ({processed} tokens in {elapsed:.1f}s"
+          f"{f' on {world} processes' if world > 1 else ''})")
+    write_text_atomic(extract_metrics_path(OUTPUT_DIR), json.dumps(
+        {"tokens": processed, "seconds": elapsed, "tokens_per_s": rate, "processes": world, "layers": layers}, indent=2))

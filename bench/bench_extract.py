@@ -23,7 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from sae import chat, lm  # noqa: E402
-from sae.files import activations_path  # noqa: E402
+from sae.files import activations_path, extract_metrics_path  # noqa: E402
 from sae.activations import open_activations  # noqa: E402
 
 N_EXAMPLES, LAYER = 200, 12
@@ -71,8 +71,9 @@ def main():
     # the plain loop runs half before and half after ours, so a machine whose speed drifts (shared
     # cores) weighs on both sides alike
     seconds_1, plain_1 = plain_loop(model, tok, records[:N_EXAMPLES // 2])
-    proc = run_ours(dataset, os.path.join(tmp, "ours"))
-    ours_rate = float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
+    run_ours(dataset, os.path.join(tmp, "ours"))
+    with open(extract_metrics_path(os.path.join(tmp, "ours"))) as f:
+        ours_rate = json.load(f)["tokens_per_s"]
     seconds_2, plain_2 = plain_loop(model, tok, records[N_EXAMPLES // 2:])
 
     ours = open_activations(activations_path(os.path.join(tmp, "ours"), LAYER))

@@ -32,6 +32,7 @@ from peer import load_hypothesaes  # noqa: E402
 from sae.activations import open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
 from sae.data import sha256_file  # noqa: E402
+from sae.files import checkpoint_path  # noqa: E402
 from sae.features import label_metrics  # noqa: E402
 from sae.selection import TokenSelection  # noqa: E402
 from sae.stream import eval_batches, split_examples  # noqa: E402
@@ -78,10 +79,10 @@ def one_seed(acts_path, work, seed):
     run("train_sae.py", f"--activations_path={acts_path}", f"--run_name=bench_labels_{seed}", "--eval_lm=False",
         "--export_saelens=False", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}", f"--seed={seed}",
         cwd=work)
-    ckpt_dir = os.path.join(work, "checkpoints", f"bench_labels_{seed}")
-    with open(os.path.join(ckpt_dir, "metrics.json")) as f:
+    path = checkpoint_path(f"bench_labels_{seed}", M, K, root=os.path.join(work, "checkpoints"))
+    with open(os.path.join(os.path.dirname(path), "metrics.json")) as f:
         epochs = json.load(f)["epochs"]
-    ours, _ = load_checkpoint(os.path.join(ckpt_dir, f"SAE_M={M}_K={K}.pt"))
+    ours, _ = load_checkpoint(path)
 
     acts = open_activations(acts_path)
     train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, seed)

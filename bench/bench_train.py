@@ -11,6 +11,7 @@ HypotheSAEs is installed with `pip install --no-deps hypothesaes` and its sae.py
     python bench/bench_train.py --memory              # also peak RSS on the file and on one 4x larger
 """
 import os
+import json
 import re
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ sys.path.insert(0, ROOT)
 from peer import load_hypothesaes  # noqa: E402
 from sae.activations import StreamingNpzWriter, open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
+from sae.files import checkpoint_path  # noqa: E402
 from sae.selection import TokenSelection  # noqa: E402
 from sae.stream import eval_batches, split_examples  # noqa: E402
 
@@ -44,6 +46,7 @@ def val_nmse(recon_fn, x_val):
     x = x_val.double()
     return float((x - recon.double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
+OUR_CHECKPOINT = checkpoint_path("bench_train", M, K, root=os.path.join(tempfile.gettempdir(), "checkpoints"))
 
 def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
     """train_sae.py with early stopping and the LM evaluation off (so memory is training's own)."""
@@ -61,8 +64,10 @@ def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
 
 
 def run_ours_rate() -> float:
-    proc = run_ours(ACTS, "bench_train")
-    return float(re.search(r"Throughput: (\d+) tokens/s", proc.stdout).group(1))
+    """train_sae.py's training throughput, as its metrics.json records it."""
+    run_ours(ACTS, "bench_train")
+    with open(os.path.join(os.path.dirname(OUR_CHECKPOINT), "metrics.json")) as f:
+        return json.load(f)["train_tokens_per_s"]
 
 
 def main():
@@ -84,7 +89,7 @@ def main():
     their_nmse = val_nmse(lambda x: theirs(x)[0], x_val)
     our_rates.append(run_ours_rate())
     our_rate = float(np.mean(our_rates))
-    ours, _ = load_checkpoint(os.path.join(tempfile.gettempdir(), "checkpoints", "bench_train", f"SAE_M={M}_K={K}.pt"))
+    ours, _ = load_checkpoint(OUR_CHECKPOINT)
     our_nmse = val_nmse(ours, x_val)
 
     print(f"activations: {ACTS} ({len(x_train)} train / {len(x_val)} val tokens, split by example)")

@@ -26,6 +26,11 @@ def unfinished_path(path: str) -> str:
     return (path[:-3] if path.endswith(".pt") else path) + ".unfinished.pt"
 
 
+def extract_metrics_path(output_dir: str) -> str:
+    """Extraction's timing (tokens, seconds, tokens/s) beside its activation files: OUTPUT_DIR/extract_metrics.json."""
+    return os.path.join(output_dir, "extract_metrics.json")
+
+
 def share_path(path: str, rank: int, world: int) -> str:
     """Where process `rank` of `world` writes its share of the output `path` (hidden until joined):
     folder/.name.rank{r}of{world}.ext."""

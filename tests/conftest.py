@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny randomly initialised Llama with a ChatML tokenizer, built locally (no downloads)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -88,6 +90,24 @@ def run_script(script: str, *args, cwd=None, check=True, env=None, nproc=1, **kw
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def kill_when(script: str, *args, ready, cwd=None, env=None, timeout=120.0):
+    """Start a pipeline script, wait until ready() is true (checked every 10 ms; exceptions count as not yet),
+    then kill -9 it; fails if the script finished first."""
+    env = dict(env or os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready():
+                break
+        except Exception:  # a file half-written or not there yet
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"{script} finished before it could be killed"
 
 
 def make_activations(path, n_examples=40, d=16, seed=0, labels=True, nan_example=None, length=(5, 30)):

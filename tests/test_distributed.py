@@ -18,7 +18,8 @@ def test_two_process_extraction_equals_one_and_training_works(tiny_model, tmp_pa
     run_script("extract_activations.py", *common, f"--OUTPUT_DIR={tmp_path / 'one'}", cwd=tmp_path)
     two = torchrun("extract_activations.py", *common, f"--OUTPUT_DIR={tmp_path / 'two'}", cwd=tmp_path)
     assert "on 2 processes" in two.stdout
-    assert sorted(os.listdir(tmp_path / "two")) == ["activations_layer1.npz", "activations_layer2.npz"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["activations_layer1.npz", "activations_layer2.npz",
+                                                    "extract_metrics.json"]
     for layer in (1, 2):
         a = np.load(tmp_path / "one" / f"activations_layer{layer}.npz")
         b = np.load(tmp_path / "two" / f"activations_layer{layer}.npz")

@@ -3,16 +3,13 @@ import os
 import pickle
 import resource
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TEXTS, run_script, tiny_records, write_jsonl
+from conftest import kill_when, TEXTS, run_script, tiny_records, write_jsonl
 from sae import chat, forward, lm
 from sae.activations import ROLE_ASSISTANT, ROLE_SPECIAL, ROLE_SYSTEM, ROLE_USER, open_activations
 
@@ -116,27 +113,20 @@ def test_extract_end_to_end(tiny_model, tiny_dataset, tmp_path, loaded):
             np.testing.assert_array_equal(f["token_role"][offsets[i]:offsets[i + 1]], roles)
         mm = open_activations(str(path))
         np.testing.assert_array_equal(np.asarray(mm.activations), f["activations"])
-    assert not any(n.endswith((".partial", ".json")) for n in os.listdir(tmp_path / "acts"))
+    assert sorted(os.listdir(tmp_path / "acts")) == ["activations_layer1.npz", "activations_layer2.npz",
+                                                     "extract_metrics.json"], "no partial file or progress left"
+    timing = json.loads((tmp_path / "acts" / "extract_metrics.json").read_text())
+    assert timing["tokens"] == json.loads(str(f["meta"]))["n_tokens"] and timing["tokens_per_s"] > 0
 
 
 def test_resume_after_kill_equals_clean_run(tiny_model, tmp_path):
     dataset = write_jsonl(tmp_path / "many.jsonl", tiny_records(240))
     _extract(tiny_model, dataset, tmp_path / "clean", "--batch_tokens=64")
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    args = [sys.executable, os.path.join(ROOT, "extract_activations.py"), f"--model_name={tiny_model}",
-            f"--dataset_path={dataset}", f"--output_dir={out}", "--layer_idx=[1, 2]", "--batch_tokens=64"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress, deadline = out / ".extract_progress.json", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(progress.read_text())["examples_done"] >= 20:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    progress = out / ".extract_progress.json"
+    kill_when("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}", f"--output_dir={out}",
+              "--layer_idx=[1, 2]", "--batch_tokens=64",
+              ready=lambda: json.loads(progress.read_text())["examples_done"] >= 20)
     assert not (out / "activations_layer2.npz").exists()
     resumed = _extract(tiny_model, dataset, out, "--batch_tokens=64")
     assert "Resuming after example" in resumed.stdout

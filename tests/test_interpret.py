@@ -1,17 +1,13 @@
 import json
 import re
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, make_activations, run_script
+from conftest import kill_when, ROOT, make_activations, run_script
 from sae import chat, lm
 from sae.activations import open_activations
 from sae.checkpoint import load_checkpoint
@@ -88,18 +84,12 @@ def test_llm_descriptions_scores_retries_and_cache(tmp_path, trained):
 def test_killed_run_resumes_without_repeating_requests(tmp_path, trained):
     server = FakeOpenAI(delay=0.2)
     acts, ckpt, dataset = trained
-    env = dict(offline_env(), OPENAI_BASE_URL=server.url, PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    cmd = [sys.executable, os.path.join(ROOT, "interpret_sae.py"), f"--activations_path={acts}",
-           f"--sae_checkpoint={ckpt}", f"--dataset_path={dataset}", "--n_top_neurons=3", "--n_examples=3",
-           "--n_score_examples=2", "--n_workers=1", f"--output_csv={tmp_path / 'interpretations.csv'}",
-           f"--report_html={tmp_path / 'report.html'}"]
+    env = dict(offline_env(), OPENAI_BASE_URL=server.url)
+    args = [f"--activations_path={acts}", f"--sae_checkpoint={ckpt}", f"--dataset_path={dataset}", "--n_top_neurons=3",
+            "--n_examples=3", "--n_score_examples=2", "--n_workers=1", f"--output_csv={tmp_path / 'interpretations.csv'}",
+            f"--report_html={tmp_path / 'report.html'}"]
     try:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(server.log) < 5 and proc.poll() is None:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+        kill_when("interpret_sae.py", *args, cwd=tmp_path, env=env, ready=lambda: len(server.log) >= 5)
         first = len(server.log)
         cached = {json.loads(line)["key"] for line in open(tmp_path / "llm_cache.jsonl") if line.endswith("\n")}
         assert cached, "some answers were cached before the kill"

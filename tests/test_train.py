@@ -1,16 +1,14 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_activations, run_script
+from conftest import kill_when, ROOT, make_activations, run_script
 from sae.checkpoint import load_checkpoint
 from sae.data import sha256_file
 from sae.selection import TokenSelection
@@ -76,18 +74,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, acts_path):
     args = ["--n_epochs=6", "--patience=100", "--batch_size=8", "--export_saelens=False"]
     run_script("train_sae.py", f"--activations_path={big}", "--m=16", "--k=4", *args, "--run_name=a",
                cwd=tmp_path)
-    cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={big}", "--m=16", "--k=4",
-           *args, "--run_name=b"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TQDM_DISABLE="1"))
-    path_b, deadline = tmp_path / "checkpoints" / "b" / "SAE_M=16_K=4.pt", time.time() + 120
+    path_b = tmp_path / "checkpoints" / "b" / "SAE_M=16_K=4.pt"
     unfinished = tmp_path / "checkpoints" / "b" / "SAE_M=16_K=4.unfinished.pt"
-    while time.time() < deadline and proc.poll() is None:
-        if unfinished.exists() and torch.load(unfinished, weights_only=True)["epoch"] >= 2:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when("train_sae.py", f"--activations_path={big}", "--m=16", "--k=4", *args, "--run_name=b", cwd=tmp_path,
+              ready=lambda: torch.load(unfinished, weights_only=True)["epoch"] >= 2)
     assert "resume" in torch.load(unfinished, weights_only=True) and not path_b.exists()
     resumed = run_script("train_sae.py", f"--activations_path={big}", "--m=16", "--k=4", *args, "--run_name=b",
                          "--resume=True", cwd=tmp_path)
@@ -105,15 +95,9 @@ def test_a_killed_retrain_keeps_the_finished_checkpoint(tmp_path, acts_path):
     path = tmp_path / "checkpoints" / "x" / "SAE_M=16_K=4.pt"
     finished, metrics = path.read_bytes(), (path.parent / "metrics.json").read_text()
     big = make_activations(tmp_path / "big.npz", n_examples=400, seed=1)
-    cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={big}", *SMALL, "--n_epochs=50",
-           "--patience=100", "--batch_size=8", "--run_name=x", "--seed=5", "--eval_lm=False"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=ROOT))
-    unfinished, deadline = path.parent / "SAE_M=16_K=4.unfinished.pt", time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not unfinished.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    unfinished = path.parent / "SAE_M=16_K=4.unfinished.pt"
+    kill_when("train_sae.py", f"--activations_path={big}", *SMALL, "--n_epochs=50", "--patience=100", "--batch_size=8",
+              "--run_name=x", "--seed=5", "--eval_lm=False", cwd=tmp_path, ready=unfinished.exists)
     assert path.read_bytes() == finished and (path.parent / "metrics.json").read_text() == metrics
     assert "resume" in torch.load(unfinished, weights_only=True)
 
