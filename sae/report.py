@@ -102,8 +102,10 @@ def feature_table(rows, width: int = 140) -> list[str]:
 
 
 def render_report(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
-           auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
-           template_rows: list[dict] = (), label_note: str | None = None) -> str:
+                  auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
+                  template_rows: list[dict] = (), label_note: str | None = None) -> str:
+    """The self-contained report.html: training curves, metrics, the SAE in the model, reconstruction by token
+    kind, labels, prevalence, label association, the selected features' cards and the template features."""
     hist = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
@@ -116,42 +118,7 @@ def render_report(title: str, config: dict, metrics: dict, history: list, preval
             continue
         parts.append(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>")
     parts.append("</table>")
-    lm_eval, kinds = metrics.get("lm_eval") or {}, metrics.get("by_token_kind") or {}
-    if "ce_clean" in lm_eval:
-        parts.append("<h2>The SAE in the model</h2><p class=muted>Next-token cross-entropy on "
-                     f"{lm_eval['examples']} validation examples ({lm_eval['predictions']} predictions) with the "
-                     f"layer's output replaced at {_esc(lm_eval.get('replaced', ''))}.</p><table>")
-        rows = [("CE clean", lm_eval["ce_clean"]), ("CE with the SAE", lm_eval["ce_sae"]),
-                ("CE zero-ablated", lm_eval["ce_zero"]), ("CE mean-ablated", lm_eval["ce_mean"]),
-                ("ΔLM loss (%)", lm_eval["delta_lm_loss_pct"]),
-                ("loss recovered vs zero", lm_eval["frac_recovered_zero"]),
-                ("loss recovered vs mean", lm_eval["frac_recovered_mean"]),
-                ("KL(clean ‖ SAE), nats/token", lm_eval["kl_sae"])]
-        parts += [f"<tr><th>{_esc(k)}</th><td>{v:.4f}</td></tr>" for k, v in rows] + ["</table>"]
-    elif "skipped" in lm_eval:
-        parts.append(f"<h2>The SAE in the model</h2><p class=muted>Skipped: {_esc(lm_eval['skipped'])}</p>")
-    if kinds:
-        parts.append("<h2>Reconstruction by token kind</h2><p class=muted>Validation tokens; a position that several "
-                     "examples share (identical prefix) counted once. Content: user and assistant turns outside "
-                     "shared prefixes.</p><table><tr><th>kind</th><th>tokens</th><th>MSE</th>"
-                     "<th>normalized MSE</th><th>relative error</th><th>L0</th></tr>")
-        content = {"content": metrics["content"]} if metrics.get("content") else {}
-        for name, r in {**kinds, **content}.items():
-            if r.get("tokens"):
-                nmse = "n/a" if r["nmse"] is None else f"{r['nmse']:.4f}"
-                parts.append(f"<tr><td>{_esc(name)}</td><td>{r['tokens']}</td><td>{r['mse']:.5g}</td><td>{nmse}</td>"
-                             f"<td>{r['relative_error']:.4f}</td><td>{r['l0']:.2f}</td></tr>")
-        parts.append("</table>")
-    lab = metrics.get("labels") or {}
-    if label_note or lab:
-        parts.append("<h2>What the features say about the labels</h2>")
-        if label_note:
-            parts.append(f"<p>{_esc(label_note)}.</p>")
-        if lab.get("probe_raw_accuracy") is not None:
-            parts.append(f"<p>Linear probe on {lab['probe_val_examples']} validation examples: SAE feature maxima "
-                         f"{100 * lab['probe_sae_accuracy']:.1f}%, mean-pooled raw activations "
-                         f"{100 * lab['probe_raw_accuracy']:.1f}% (most common label: {100 * lab['probe_chance']:.1f}%)."
-                         f"</p>")
+    parts += _lm_section(metrics.get("lm_eval") or {}) + _kinds_section(metrics) + _labels_section(metrics, label_note)
     parts += ["<h2>Feature prevalence</h2>",
               histogram(prevalence, xlabel="share of examples where the feature fires")]
     if auroc_LM is not None and len(label_names):
@@ -161,23 +128,72 @@ def render_report(title: str, config: dict, metrics: dict, history: list, preval
         parts += ["<h2>Label association</h2><p class=muted>One-vs-rest AUROC of each feature's per-example "
                   "activation for each label (red: higher for that label, blue: lower), for the 30 features "
                   "most associated with a label.</p>", heatmap(auroc_LM[:, top].T, rows, label_names)]
-    parts.append("<h2>Features</h2>")
-    for c in cards:
-        parts.append("<div class=card>")
-        source = "" if c.get("source") == "llm" else f" <span class=muted>({_esc(c.get('source', 'data'))})</span>"
-        parts.append(f"<h3>{_esc(c['title'])}</h3><div>{_esc(c['interpretation'])}{source}</div>")
-        parts.append(f"<div class=muted>{_esc(c['stats'])}</div>")
-        for ex in c["examples"]:
-            parts.append(f"<div class=ex>{highlight(ex)}</div>")
-        parts.append("</div>")
-    if template_rows:
-        parts.append(f"<h2>Template features ({len(template_rows)})</h2><p class=muted>Features whose activation lies "
-                     "mostly on the chat template or on prefixes that several examples share (each position counted "
-                     "once): they describe the format, not the text, and are not selected above.</p>"
-                     "<table><tr><th>feature</th><th>peak token</th><th>share on template</th></tr>")
-        parts += [f"<tr><td>{r['neuron_idx']}</td><td><code>{_esc(repr(r['peak_token']))}</code></td>"
-                  f"<td>{100 * r['share']:.0f}%</td></tr>" for r in template_rows]
-        parts.append("</table>")
+    parts += ["<h2>Features</h2>"] + [_card(c) for c in cards] + _template_section(template_rows)
     parts.append(f"<details><summary>Configuration</summary><pre>{_esc(json.dumps(config, indent=2))}</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _lm_section(lm_eval: dict) -> list[str]:
+    if "skipped" in lm_eval:
+        return [f"<h2>The SAE in the model</h2><p class=muted>Skipped: {_esc(lm_eval['skipped'])}</p>"]
+    if "ce_clean" not in lm_eval:
+        return []
+    rows = [("CE clean", lm_eval["ce_clean"]), ("CE with the SAE", lm_eval["ce_sae"]),
+            ("CE zero-ablated", lm_eval["ce_zero"]), ("CE mean-ablated", lm_eval["ce_mean"]),
+            ("ΔLM loss (%)", lm_eval["delta_lm_loss_pct"]), ("loss recovered vs zero", lm_eval["frac_recovered_zero"]),
+            ("loss recovered vs mean", lm_eval["frac_recovered_mean"]),
+            ("KL(clean ‖ SAE), nats/token", lm_eval["kl_sae"])]
+    return ([f"<h2>The SAE in the model</h2><p class=muted>Next-token cross-entropy on {lm_eval['examples']} "
+             f"validation examples ({lm_eval['predictions']} predictions) with the layer's output replaced at "
+             f"{_esc(lm_eval.get('replaced', ''))}.</p><table>"]
+            + [f"<tr><th>{_esc(k)}</th><td>{v:.4f}</td></tr>" for k, v in rows] + ["</table>"])
+
+
+def _kinds_section(metrics: dict) -> list[str]:
+    kinds = metrics.get("by_token_kind") or {}
+    if not kinds:
+        return []
+    parts = ["<h2>Reconstruction by token kind</h2><p class=muted>Validation tokens; a position that several "
+             "examples share (identical prefix) counted once. Content: user and assistant turns outside "
+             "shared prefixes.</p><table><tr><th>kind</th><th>tokens</th><th>MSE</th>"
+             "<th>normalized MSE</th><th>relative error</th><th>L0</th></tr>"]
+    content = {"content": metrics["content"]} if metrics.get("content") else {}
+    for name, r in {**kinds, **content}.items():
+        if r.get("tokens"):
+            nmse = "n/a" if r["nmse"] is None else f"{r['nmse']:.4f}"
+            parts.append(f"<tr><td>{_esc(name)}</td><td>{r['tokens']}</td><td>{r['mse']:.5g}</td><td>{nmse}</td>"
+                         f"<td>{r['relative_error']:.4f}</td><td>{r['l0']:.2f}</td></tr>")
+    return parts + ["</table>"]
+
+
+def _labels_section(metrics: dict, label_note: str | None) -> list[str]:
+    lab = metrics.get("labels") or {}
+    if not (label_note or lab):
+        return []
+    parts = ["<h2>What the features say about the labels</h2>"]
+    if label_note:
+        parts.append(f"<p>{_esc(label_note)}.</p>")
+    if lab.get("probe_raw_accuracy") is not None:
+        parts.append(f"<p>Linear probe on {lab['probe_val_examples']} validation examples: SAE feature maxima "
+                     f"{100 * lab['probe_sae_accuracy']:.1f}%, mean-pooled raw activations "
+                     f"{100 * lab['probe_raw_accuracy']:.1f}% (most common label: {100 * lab['probe_chance']:.1f}%).</p>")
+    return parts
+
+
+def _card(c: dict) -> str:
+    source = "" if c.get("source") == "llm" else f" <span class=muted>({_esc(c.get('source', 'data'))})</span>"
+    return "\n".join([f"<div class=card><h3>{_esc(c['title'])}</h3><div>{_esc(c['interpretation'])}{source}</div>",
+                      f"<div class=muted>{_esc(c['stats'])}</div>"]
+                     + [f"<div class=ex>{highlight(ex)}</div>" for ex in c["examples"]] + ["</div>"])
+
+
+def _template_section(template_rows: list[dict]) -> list[str]:
+    if not template_rows:
+        return []
+    return ([f"<h2>Template features ({len(template_rows)})</h2><p class=muted>Features whose activation lies "
+             "mostly on the chat template or on prefixes that several examples share (each position counted "
+             "once): they describe the format, not the text, and are not selected above.</p>"
+             "<table><tr><th>feature</th><th>peak token</th><th>share on template</th></tr>"]
+            + [f"<tr><td>{r['neuron_idx']}</td><td><code>{_esc(repr(r['peak_token']))}</code></td>"
+               f"<td>{100 * r['share']:.0f}%</td></tr>" for r in template_rows] + ["</table>"])
