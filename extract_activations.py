@@ -18,6 +18,10 @@ import json
 import os
 import time
 
+from sae.config import answer_help
+
+answer_help(__doc__, __file__)  # -h/--help answers here, before torch and transformers load
+
 import numpy as np
 import torch
 from tqdm import tqdm

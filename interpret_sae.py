@@ -26,6 +26,10 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+from sae.config import answer_help
+
+answer_help(__doc__, __file__)  # -h/--help answers here, before torch and transformers load
+
 import numpy as np
 import pandas as pd
 

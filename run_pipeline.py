@@ -22,7 +22,7 @@ import time
 import pandas as pd
 
 from sae.activations import open_activations
-from sae.config import fail, parse_value, script_knobs
+from sae.config import ConfigError, command_line, fail, parse_value, script_knobs
 from sae.data import sha256_file
 from sae.launch import launcher
 from sae.files import activations_path, checkpoint_path
@@ -36,35 +36,36 @@ SET_BY_PIPELINE = {"ACTIVATIONS_PATH", "SAE_CHECKPOINT"}  # the paths between st
 # ---- command line: flags, and settings routed to the scripts that have them
 knobs = {step: script_knobs(os.path.join(ROOT, script)) for step, script in SCRIPTS.items()}
 force, steps, settings, nproc = False, list(SCRIPTS), {}, 1
-for arg in sys.argv[1:]:
-    if arg in ("-h", "--help"):
-        print(__doc__)
-        sys.exit(0)
-    if arg == "--force":
+if any(a in ("-h", "--help") for a in sys.argv[1:]):
+    print(__doc__)
+    sys.exit(0)
+try:
+    command = command_line(sys.argv[1:], flags=("force",))
+except ConfigError as e:
+    fail(str(e))
+for name, raw, where in command:
+    if raw is None:  # the one flag
         force = True
         continue
-    if not arg.startswith("--") or "=" not in arg:
-        fail(f"argument {arg!r} is not of the form --name=value, --force or --steps=extract,train,interpret")
-    name, raw = arg[2:].split("=", 1)
     if name.lower() == "nproc":
         if not raw.isdigit() or int(raw) < 1:
-            fail(f"--nproc={raw} must be a positive number of processes")
+            fail(f"{where}: nproc must be a positive number of processes")
         nproc = int(raw)
         continue
     if name.lower() == "steps":
         steps = [s.strip() for s in raw.split(",") if s.strip()]
         unknown = [s for s in steps if s not in SCRIPTS]
         if unknown or not steps:
-            fail(f"--steps={raw} names unknown steps {unknown}; choose from {', '.join(SCRIPTS)}")
+            fail(f"{where} names unknown steps {unknown}; choose from {', '.join(SCRIPTS)}")
         continue
     name = name.upper().replace("-", "_")
     if name in SET_BY_PIPELINE:
-        fail(f"--{name.lower()} is set by the pipeline from the previous step's output; run the script on its "
-             f"own to use another file")
+        fail(f"{name} (in {where}) is set by the pipeline from the previous step's output; run the script on "
+             f"its own to use another file")
     owners = [step for step in SCRIPTS if name in knobs[step]]
     if not owners:
         valid = sorted({k.lower() for ks in knobs.values() for k in ks} - {k.lower() for k in SET_BY_PIPELINE})
-        fail(f"unknown setting --{name.lower()}: no script has it; valid settings are: {', '.join(valid)}")
+        fail(f"unknown setting {name.lower()} (in {where}): no script has it; valid settings are: {', '.join(valid)}")
     settings[name] = (raw, owners)
 
 # ---- each script's resolved settings, and the paths between steps

@@ -17,6 +17,10 @@ import math
 import os
 import time
 
+from sae.config import answer_help
+
+answer_help(__doc__, __file__)  # -h/--help answers here, before torch and transformers load
+
 import numpy as np
 import torch
 from tqdm import tqdm

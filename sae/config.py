@@ -4,12 +4,15 @@ A script keeps its knobs as plain constants in one block and ends the block with
 
     config = configure(globals())
 
-after which `--layer_idx=18`, `--MODEL_NAME=path/to/model` or `--chat_template=False` on the command
-line replace the constants (names in any case). Values are parsed with `ast.literal_eval`; what does
-not parse stays a string, so `--dataset_path=data/x.jsonl` needs no quotes. Each value must have the
-type of the default (an int is accepted where a float is expected; a default of None accepts anything).
-A knob whose default has one type but accepts others lists them in `also`, e.g. LAYER_IDX: (list,).
-(nanoGPT's configurator.py without `exec`, with unknown names and bad types reported as one sentence.)
+after which `--layer_idx=18` (or `--layer_idx 18`), `--MODEL_NAME=path/to/model` or
+`--chat_template=false` on the command line replace the constants (names in any case; booleans as
+True/False, true/false or yes/no). Values are parsed with `ast.literal_eval`; what does not parse stays a
+string, so `--dataset_path=data/x.jsonl` needs no quotes. A `.py` file on the command line is a config
+file of `NAME = value` lines (`python train_sae.py configs/llama8b.py --lr=1e-3`); everything is
+applied in order, so later settings win. Each value must have the type of the default (an int is
+accepted where a float is expected; a default of None accepts anything). A knob whose default has one
+type but accepts others lists them in `also`, e.g. LAYER_IDX: (list,). (nanoGPT's configurator.py
+without `exec`, with unknown names and bad types reported as one sentence.)
 """
 import ast
 import json
@@ -75,8 +78,14 @@ def _type_ok(value, default, also) -> bool:
     return isinstance(value, type(default))
 
 
+BOOL_WORDS = {"true": True, "yes": True, "false": False, "no": False}
+
+
 def parse_value(raw: str, default):
-    """A command-line value: a Python literal, else the raw string (also for str settings given a number)."""
+    """A command-line value: a Python literal, else the raw string (also for str settings given a number);
+    for a bool setting also true/false and yes/no in any case."""
+    if isinstance(default, bool) and raw.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[raw.strip().lower()]
     try:
         value = ast.literal_eval(raw)
     except (SyntaxError, ValueError):
@@ -88,33 +97,82 @@ def parse_value(raw: str, default):
     return value
 
 
+def config_file(path: str) -> list[tuple[str, str, str]]:
+    """(name, value as a literal, where) for each `NAME = value` line of a config file, in order. The file is
+    parsed, never run: each line must assign a literal (a number, string, bool, None or list)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror}); check the path") from None
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} line {e.lineno} is not valid Python ({e.msg})") from None
+    out = []
+    for node in tree.body:
+        where = f"{path} line {node.lineno}"
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"{where} is not a NAME = value line; a config file holds only such lines")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise ConfigError(f"{where}: the value of {node.targets[0].id} is not a literal (a number, string, "
+                              f"bool, None or list); write the value itself") from None
+        out.append((node.targets[0].id, repr(value), where))
+    return out
+
+
+def command_line(argv: list[str], flags: tuple[str, ...] = ()) -> list[tuple[str, str | None, str]]:
+    """The command line as (name as given, raw value, where it came from), in order: `--name=value`,
+    `--name value`, a config file's lines in its place, and the named `flags` (no value: raw None)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg.endswith(".py") and not arg.startswith("-"):
+            out += config_file(arg)
+        elif not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"argument {arg!r} is neither --name=value, --name value nor a config file (.py)")
+        elif "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            out.append((key, raw, f"--{key}={raw}"))
+        elif arg[2:].lower() in flags:
+            out.append((arg[2:], None, arg))
+        elif i < len(argv) and not argv[i].startswith("--"):
+            out.append((arg[2:], argv[i], f"{arg} {argv[i]}"))
+            i += 1
+        else:
+            raise ConfigError(f"{arg} has no value; write {arg}=value or {arg} value")
+    return out
+
+
 def parse_overrides(args: list[str], defaults: dict, also: dict | None = None) -> dict:
-    """Return {NAME: value} for `--name=value` arguments; raise ConfigError on anything wrong."""
+    """Return {NAME: value} for the command line (command_line's forms, later ones winning); raise
+    ConfigError on anything wrong."""
     also = also or {}
     by_lower = {k.lower(): k for k in defaults}
     out = {}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"argument {arg!r} is not of the form --name=value "
-                              f"(valid names: {', '.join(k.lower() for k in defaults)})")
-        key, raw = arg[2:].split("=", 1)
+    for key, raw, where in command_line(args):
         name = by_lower.get(key.lower().replace("-", "_"))
         if name is None:
-            raise ConfigError(f"unknown setting --{key}; valid settings are: "
-                              f"{', '.join(k.lower() for k in defaults)}")
+            raise ConfigError(f"unknown setting {key if ' line ' in where else '--' + key} (in {where}); valid "
+                              f"settings are: {', '.join(k.lower() for k in defaults)}")
         value = parse_value(raw, defaults[name])
         if not _type_ok(value, defaults[name], also.get(name, ())):
             allowed = [type(defaults[name]).__name__] + [t.__name__ for t in also.get(name, ())]
-            raise ConfigError(f"--{key}={raw} has type {type(value).__name__}, but {name} takes "
+            raise ConfigError(f"{where} has type {type(value).__name__}, but {name} takes "
                               f"{' or '.join(allowed)} (default {defaults[name]!r})")
         out[name] = value
     return out
 
 
 def describe(path: str) -> str:
-    """The script's config block as help text: each constant with its trailing comment."""
+    """The script's config block as help text: its section headers and each constant with its comment."""
     lines, knobs = [], script_knobs(path)
     for line in open(path, encoding="utf-8"):
+        if line.startswith("config = configure("):
+            break
         if re.match(r"^# ----", line) and not re.match(r"^# -{10}", line):
             lines.append(line.rstrip())
         elif (m := _KNOB_LINE.match(line)) and m.group(1) in knobs:
@@ -122,14 +180,20 @@ def describe(path: str) -> str:
     return "\n".join(lines)
 
 
-def configure(namespace: dict, argv: list[str] | None = None, also: dict | None = None) -> dict:
-    """Apply `--name=value` overrides to the caller's globals, print and return the resolved config."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(namespace.get("__doc__") or "")
-        print("Settings (override with --name=value):")
-        print(describe(namespace["__file__"]))
+def answer_help(doc: str | None, path: str, argv: list[str] | None = None):
+    """With -h or --help on the command line: print the script's docstring and settings, and exit. Scripts
+    call it before their heavy imports (torch, transformers), so that help comes at once."""
+    if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
+        print(doc or "")
+        print("Settings (override with --name=value or --name value, or a config file of NAME = value lines):")
+        print(describe(path))
         sys.exit(0)
+
+
+def configure(namespace: dict, argv: list[str] | None = None, also: dict | None = None) -> dict:
+    """Apply the command line's overrides to the caller's globals, print and return the resolved config."""
+    argv = sys.argv[1:] if argv is None else argv
+    answer_help(namespace.get("__doc__"), namespace["__file__"], argv)
     defaults = {k: namespace[k] for k in script_knobs(namespace["__file__"])}
     try:
         overrides = parse_overrides(argv, defaults, also)
