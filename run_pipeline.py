@@ -2,12 +2,14 @@
 
     python run_pipeline.py                                   # SmolLM2-135M-Instruct on the sample data, CPU or GPU
     python run_pipeline.py --layer_idx=18 --m=512 --k=16     # settings go to every script that has them
+    python run_pipeline.py configs/llama8b.py                # a config file of NAME = value lines
     python run_pipeline.py --steps=train,interpret --force   # pick steps; --force reruns even when up to date
     python run_pipeline.py --nproc=2                         # extraction and training on 2 processes (torchrun)
     OPENAI_API_KEY=sk-... python run_pipeline.py             # with LLM descriptions of the features
 
-A `--name=value` setting is passed to every script whose config block has that name (see each script's
---help); one that no script has is an error. The files between steps are passed explicitly:
+A setting (`--name=value`, `--name value`, or a line of a config file such as configs/llama8b.py) is passed
+to every script whose config block has that name (see each script's --help); one that no script has is an
+error. The files between steps are passed explicitly:
 OUTPUT_DIR/activations_layer{LAYER_IDX}.npz and checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt. A step whose
 outputs exist and record the same settings and inputs (each output holds a record of the settings and the
 sha256 of the files it was made from: sae/provenance.py) is skipped, so a rerun only redoes what changed.
