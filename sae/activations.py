@@ -20,6 +20,7 @@ import io
 import json
 import os
 import struct
+import threading
 import zipfile
 import zlib
 
@@ -169,6 +170,23 @@ def _member_memmap(f, path: str, info: zipfile.ZipInfo) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
 
 
+def _read_at(fd: int, buffer: memoryview, offset: int, lock: threading.Lock, preadv=getattr(os, "preadv", None)) -> int:
+    """Read len(buffer) bytes at `offset` into buffer; the number read. preadv where it exists (safe from several
+    threads at once); elsewhere (Windows) a seek and reads under `lock`."""
+    if preadv is not None:
+        return preadv(fd, [buffer], offset)
+    with lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        done = 0
+        while done < len(buffer):
+            chunk = os.read(fd, min(len(buffer) - done, 1 << 30))
+            if not chunk:
+                break
+            buffer[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        return done
+
+
 class Activations:
     """Read-only view of an activations .npz; `activations` is an np.memmap, nothing big is loaded."""
 
@@ -203,7 +221,8 @@ class Activations:
                 len(self.token_ids) != self.offsets[-1]:
             raise ActivationFileError(f"{path} has activations of shape {self.activations.shape} that do not "
                                       f"match its offsets; re-run extract_activations.py")
-        self._fd = os.open(path, os.O_RDONLY)  # for read_rows; pread is safe from several threads
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))  # for read_rows
+        self._seek_lock = threading.Lock()  # where there is no preadv (Windows): seek and read under a lock
 
     def verify(self, chunk_bytes: int = 1 << 24):
         """Check every member against the CRC-32 the zip stores for it (the whole file is read once, about
@@ -240,7 +259,8 @@ class Activations:
         if out is None:
             out = np.empty((stop - start, a.shape[1]), dtype=a.dtype)
         nbytes = (stop - start) * a.shape[1] * a.dtype.itemsize
-        if os.preadv(self._fd, [memoryview(out).cast("B")], a.offset + start * a.shape[1] * a.dtype.itemsize) != nbytes:
+        if _read_at(self._fd, memoryview(out).cast("B"), a.offset + start * a.shape[1] * a.dtype.itemsize,
+                    self._seek_lock) != nbytes:
             raise ActivationFileError(f"{self.path} is shorter than its header says; re-run extract_activations.py")
         return out
 

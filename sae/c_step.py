@@ -26,7 +26,10 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sae_step.c")
 # -march=native: the build is per machine (its CPU is in the cache key); the three math flags let the
 # compiler vectorise float sums (reassociation) without -ffast-math's process-wide flush-to-zero
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-fPIC", "-shared", "-fopenmp", "-lm"]
+         "-fno-trapping-math", "-fPIC", "-shared", "-lm"]
+# tried in order until one builds: OpenMP (gcc, clang with libgomp/libomp), Apple clang with Homebrew's
+# libomp, then one thread without OpenMP (Apple clang alone rejects -fopenmp)
+THREADING = (["-fopenmp"], ["-Xpreprocessor", "-fopenmp", "-lomp"], [])
 _P = ctypes.c_void_p
 
 
@@ -153,16 +156,44 @@ def _private(path: str) -> bool:
     return owner_ok and not stat.S_ISLNK(st.st_mode) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def kernel_path(folder: str | None = None) -> str:
+def kernel_path(folder: str | None = None, flags: list[str] = FLAGS + THREADING[0]) -> str:
     """Where the library built from this source, with these flags, for this CPU lives in the cache."""
     with open(SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + repr((FLAGS, platform.machine(), _cpu_identity())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + repr((flags, platform.machine(), _cpu_identity())).encode()).hexdigest()[:16]
     return os.path.join(folder or cache_dir(), f"sae_step-{key}.so")
 
 
-def load_c_step() -> tuple[CStep | None, str | None]:
-    """(CStep, None), building it if needed, or (None, the reason it cannot be had here).
+def _private_folder() -> str:
+    """The cache folder when it is ours and others cannot write it, else a new private temporary folder."""
+    folder = cache_dir()
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError:
+        pass
+    return folder if _private(folder) else tempfile.mkdtemp(prefix="sae-kernel-")
+
+
+def _build(cc: str, flags: list[str], lib: str) -> str | None:
+    """Build the library at `lib` (under a temporary name, then renamed: never half-written); None, or why not."""
+    tmp = f"{lib}.tmp{os.getpid()}"
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            return f"{cc} could not build {SOURCE}: {proc.stderr.strip()[-300:]}"
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, lib)
+        return None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{cc} could not build {SOURCE}: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_c_step(threading_options=THREADING) -> tuple[CStep | None, str | None]:
+    """(CStep, None), building it if needed, or (None, the reason it cannot be had here). The threading
+    options are tried in order; the first that builds is used (and cached under its own name).
 
     A cached library is loaded only from a folder that is ours and that others cannot write, and only when
     the file is ours and others cannot write it either; otherwise the library is built afresh into a new
@@ -170,31 +201,22 @@ def load_c_step() -> tuple[CStep | None, str | None]:
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         return None, f"no C compiler ({cc}) on PATH"
-    folder = cache_dir()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except OSError:
-        pass
-    if not _private(folder):
-        folder = tempfile.mkdtemp(prefix="sae-kernel-")
-    lib = kernel_path(folder)
-    if os.path.lexists(lib) and not _private(lib):
-        folder = tempfile.mkdtemp(prefix="sae-kernel-")
-        lib = kernel_path(folder)
-    if not os.path.exists(lib):
-        tmp = f"{lib}.tmp{os.getpid()}"  # built under a temporary name, then renamed: never half-written
+    folder, why_not = _private_folder(), None
+    for threading_flags in threading_options:
+        flags = FLAGS + list(threading_flags)
+        lib = kernel_path(folder, flags)
+        if os.path.lexists(lib) and not _private(lib):
+            folder = tempfile.mkdtemp(prefix="sae-kernel-")
+            lib = kernel_path(folder, flags)
+        if not os.path.exists(lib):
+            why_not = _build(cc, flags, lib)
+            if why_not:
+                continue
         try:
-            proc = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE], capture_output=True, text=True, timeout=120)
-            if proc.returncode:
-                return None, f"{cc} could not build {SOURCE}: {proc.stderr.strip()[-300:]}"
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, lib)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return None, f"{cc} could not build {SOURCE}: {e}"
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    try:
-        return CStep(lib), None
-    except (OSError, AttributeError) as e:  # not a library, or one without our functions
-        return None, f"could not load {lib} ({e}); delete it to rebuild"
+            step = CStep(lib)
+        except (OSError, AttributeError) as e:  # not a library, or one without our functions
+            return None, f"could not load {lib} ({e}); delete it to rebuild"
+        if not threading_flags:
+            step.name = "C (one thread: the compiler has no OpenMP)"
+        return step, None
+    return None, why_not

@@ -20,9 +20,15 @@
  *      c·Σ_b Ẽ_0 − W_encᵀ ∂b_enc.
  * adam_update, at the end, is the optimizer step that follows: torch.optim.Adam's formula on its state,
  * with the clipping scale folded in and the decoder rows renormalised while they are in cache.
- * Built by sae/c_step.py with the system C compiler and OpenMP; float32, row-major, contiguous arrays. */
+ * Built by sae/c_step.py with the system C compiler, with OpenMP where the compiler has it (else one
+ * thread); float32, row-major, contiguous arrays. */
 #include <math.h>
+#ifdef _OPENMP
 #include <omp.h>
+#else /* built without OpenMP (Apple clang without libomp): one thread, the pragmas are ignored */
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 #include <stdint.h>
 #if defined(__AVX__)
 #include <immintrin.h>

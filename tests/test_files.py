@@ -54,3 +54,19 @@ def test_a_second_writer_of_one_output_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     lock_output(out)  # the holder is gone (killed): its lock went with it
+
+
+def test_rows_read_the_same_without_preadv(tmp_path):
+    """Windows has no os.preadv: the seek-and-read fallback gives the same rows, and a short file is named."""
+    import threading
+    import numpy as np
+    from conftest import make_activations
+    from sae.activations import _read_at, open_activations
+    acts = open_activations(make_activations(tmp_path / "a.npz"))
+    want = acts.read_rows(3, 40)
+    out = np.empty_like(want)
+    offset = acts.activations.offset + 3 * acts.d * want.dtype.itemsize
+    assert _read_at(acts._fd, memoryview(out).cast("B"), offset, threading.Lock(), preadv=None) == out.nbytes
+    assert np.array_equal(out, want) and np.array_equal(want, np.asarray(acts.activations[3:40]))
+    size = os.path.getsize(acts.path)
+    assert _read_at(acts._fd, memoryview(out).cast("B"), size - 10, threading.Lock(), preadv=None) == 10

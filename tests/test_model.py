@@ -115,6 +115,24 @@ def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes
         assert torch.equal(out.idx.sort(1).values, sae.pre_acts(x).topk(sae.k, dim=-1).indices.sort(1).values)
 
 
+def test_the_c_step_built_without_openmp_runs_on_one_thread_to_the_same_result():
+    """Where the compiler has no OpenMP (Apple clang alone) the C step is built without it."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here")
+    step, why_not = load_c_step(threading_options=([],))
+    assert step is not None, why_not
+    assert step.name.startswith("C (one thread")
+    sae = make(prefixes=[8, 32], bias=0.3)
+    sae.steps_since_fired[::3] = 10_000
+    x = torch.randn(45, 12) * 3
+    a = pytorch_step(sae, x, sae.dead_mask(), backward=True)
+    grads = [p.grad for p in sae.parameters()]
+    b = step(sae, x, sae.dead_mask(), backward=True)
+    torch.testing.assert_close(a.loss, b.loss)
+    for g, p in zip(grads, sae.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("m,k", [(256, 8), (100, 3), (64, 16)])
 def test_c_step_selects_the_k_largest(c_step, m, k):
     """Block maxima bound the K-th largest (M=256, 100 with a partial last block); few blocks: a heap."""
