@@ -17,13 +17,15 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
-def line_plot(series: dict, width=520, height=220, ylabel="") -> str:
-    """SVG line plot of {name: [values per epoch]}."""
+def line_plot(series: dict, width=520, height=220, ylabel="", floor=None, min_top=None) -> str:
+    """SVG line plot of {name: [values per epoch]}; the y axis from `floor` (else the lowest value) to the
+    highest value, at least `min_top`."""
     series = {k: [v for v in vs] for k, vs in series.items() if vs}
     if not series:
         return "<p class=muted>no data</p>"
     values = np.array([v for vs in series.values() for v in vs], dtype=float)
-    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    lo = float(np.nanmin(values)) if floor is None else floor
+    hi = max(float(np.nanmax(values)), lo if min_top is None else min_top)
     hi = hi if hi > lo else lo + 1
     n = max(len(vs) for vs in series.values())
     left, bottom, top, right = 50, 30, 10, 110
@@ -86,6 +88,43 @@ def heatmap(matrix: np.ndarray, row_names: list, col_names: list, cell=14) -> st
     return "".join(parts) + "</svg>"
 
 
+# (key in metrics.json, label, format of the value, what it means); keys not listed are not shown here
+METRICS = [
+    ("val_nmse", "normalized MSE", "{:.4f}", "validation tokens trained on: the share of their variance the SAE does not "
+     "reconstruct (0 perfect, 1 no better than their mean)"),
+    ("val_nmse_content", "normalized MSE, content tokens", "{:.4f}", "the same on user and assistant text outside "
+     "prefixes that several examples share"),
+    ("val_prefix_nmse", "normalized MSE per Matryoshka prefix", "list", "reconstructing from the first p features only, "
+     "for each prefix p"),
+    ("val_mse", "MSE", "{:.4g}", "mean squared error per dimension, in the activations' units"),
+    ("l0", "active features per token", "{:.2f}", "average number of non-zero codes per token (K for TopK)"),
+    ("dead_ratio", "dead features", "percent", "share of features that fired in none of the last DEAD_STEPS training steps"),
+    ("never_fired_ratio", "features never firing on validation", "percent", "share of features that are zero on "
+     "every validation token"),
+    ("best_val_loss", "best validation loss", "{:.4f}", "the training objective at the saved (best) epoch"),
+    ("epochs", "epochs", "{}", "run before early stopping or N_EPOCHS"),
+    ("train_tokens_per_s", "training speed", "{:,.0f} tokens/s", "tokens per second over all epochs"),
+    ("train_seconds", "training time", "{:.1f} s", "wall time of the epochs (without the final evaluations)"),
+]
+
+
+def metric_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """(label, rounded value, explanation) of each headline metric present in `metrics`."""
+    rows = []
+    for key, label, fmt, meaning in METRICS:
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if fmt == "percent":
+            text = f"{100 * value:.1f}%"
+        elif fmt == "list":
+            text = ", ".join("n/a" if v is None else f"{v:.4f}" for v in value)
+        else:
+            text = fmt.format(value)
+        rows.append((label, text, meaning))
+    return rows
+
+
 def highlight(snippet: str) -> str:
     """«peak» → <mark>peak</mark>, everything else escaped."""
     return _esc(snippet).replace("«", "<mark>").replace("»", "</mark>")
@@ -110,13 +149,12 @@ def render_report(title: str, config: dict, metrics: dict, history: list, preval
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
              f"<p class=muted>{_esc(llm_note)}</p>",
-             "<h2>Training</h2>", line_plot(hist, ylabel="loss"),
-             line_plot({"dead ratio": [h.get("dead_ratio") for h in history]}, ylabel="dead ratio"),
-             "<h2>Metrics</h2><table>"]
-    for k, v in metrics.items():
-        if k in ("lm_eval", "by_token_kind", "left_out", "content", "labels"):
-            continue
-        parts.append(f"<tr><th>{_esc(k)}</th><td>{_esc(json.dumps(v) if isinstance(v, (dict, list)) else v)}</td></tr>")
+             "<h2>Training</h2>", line_plot(hist, ylabel="loss (mean normalized MSE over the Matryoshka prefixes)"),
+             line_plot({"dead": [100 * h.get("dead_ratio", 0) for h in history]}, ylabel="dead features (%)",
+                       floor=0, min_top=1),
+             "<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>what it means</th></tr>"]
+    parts += [f"<tr><th>{_esc(label)}</th><td>{_esc(value)}</td><td class=muted>{_esc(meaning)}</td></tr>"
+              for label, value, meaning in metric_rows(metrics)]
     parts.append("</table>")
     parts += _lm_section(metrics.get("lm_eval") or {}) + _kinds_section(metrics) + _labels_section(metrics, label_note)
     parts += ["<h2>Feature prevalence</h2>",

@@ -59,6 +59,12 @@ def test_offline_run_writes_csv_and_report(tmp_path, trained):
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") >= 3 and "http://" not in html and "https://" not in html
     assert "Feature " in html and "<mark>" in html
+    shown = html[:html.index("<details>")]  # what a reader sees (the configuration below is the raw record)
+    significant = [len(n.replace(".", "").lstrip("0")) for n in re.findall(r"\d+\.\d+", shown)]
+    assert significant and max(significant) <= 5, "numbers are rounded (at most 5 significant digits)"
+    for label in ("normalized MSE</th>", "active features per token</th>", "dead features</th>"):
+        assert label in shown
+    assert "val_prefix_nmse" not in shown and "never_fired_ratio" not in shown, "metrics by their meaning, not their keys"
 
 
 def test_llm_descriptions_scores_retries_and_cache(tmp_path, trained):
