@@ -41,7 +41,7 @@ DEVICE = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1"
 DTYPE = "auto"  # weights and compute: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16", "float16"
 DEVICE_MAP = None  # None = whole model on DEVICE; "auto" spreads a large model over GPUs with accelerate
 # ---- data
-DATASET_PATH = "data/cognitive_actions_sample.jsonl"  # JSONL, one example per line
+DATASET_PATH = "data/cognitive_actions_sample.jsonl"  # JSONL (one example per line), .csv or .parquet
 TEXT_FIELD = "text"  # field holding the text; records without it may have a `messages` list instead
 LABEL_FIELD = "auto"  # "auto" (primary_cognitive_action, else cognitive_action), a field name, or None
 CHAT_TEMPLATE = True  # format each example with the model's chat template as in fine-tuning

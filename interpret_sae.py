@@ -37,7 +37,7 @@ from sae import lm, runtime
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, load_checkpoint
 from sae.config import configure, fail, redacted
-from sae.data import sha256_file
+from sae.data import count_examples, sha256_file
 from sae.files import NO_SPACE, Busy, checkpoint_path, lock_output, text_writer, unfinished_path, unwritable, write_all_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features, token_text)
@@ -105,8 +105,7 @@ dataset_sha = sha256_file(DATASET_PATH)
 if acts.meta.get("dataset_sha256") != dataset_sha:
     fail(f"{DATASET_PATH} is not the dataset {ACTIVATIONS_PATH} was extracted from (sha256 differs; it came "
          f"from {acts.meta.get('dataset_path')}); set DATASET_PATH to that file or re-extract")
-with open(DATASET_PATH, encoding="utf-8") as f:
-    n_lines = sum(1 for line in f if line.strip())
+n_lines = count_examples(DATASET_PATH)
 if n_lines != acts.n_examples:
     fail(f"{DATASET_PATH} has {n_lines} examples but {ACTIVATIONS_PATH} has {acts.n_examples}; they do not "
          f"belong together, re-extract")
