@@ -51,6 +51,7 @@ LAYER_IDX = 12  # output of decoder block 12 (0-based; blocks.12.hook_resid_post
 BATCH_TOKENS = 8192  # token budget of one padded forward batch (longest example × batch size)
 STORE_DTYPE = "float16"  # "float16" (half the disk) or "float32"
 OUTPUT_DIR = "activations"  # writes OUTPUT_DIR/activations_layer{L}.npz
+QUIET = False  # no progress bars: for scripts and logs
 # -----------------------------------------------------------------------------
 config = configure(globals(), also={"LAYER_IDX": (list,), "LABEL_FIELD": (type(None),)})
 # -----------------------------------------------------------------------------
@@ -82,6 +83,8 @@ except DatasetError as e:
 dataset_sha256 = sha256_file(DATASET_PATH)
 
 # ---- model config and tokenizer (the weights come after the cheap checks)
+if QUIET:
+    runtime.quiet_libraries()
 device = runtime.pick_device(DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
@@ -202,6 +205,7 @@ if not share_finished:
 
     t_start = time.time()
     bar = tqdm(total=share_tokens, initial=int(offsets[done] - offsets[first]), unit="tok", desc="extract",
+               disable=QUIET or None,
                smoothing=0.1, disable=rank > 0 or None)
     try:
         start = done

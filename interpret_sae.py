@@ -32,6 +32,7 @@ answer_help(__doc__, __file__)  # -h/--help answers here, before torch and trans
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from sae import lm, runtime
 from sae.activations import ActivationFileError, open_activations
@@ -75,6 +76,7 @@ RETRY_BASE_S = 1.0  # first backoff in seconds
 TIMEOUT_S = 60.0  # per request
 N_WORKERS = 8  # requests in flight at once
 DEVICE = "auto"  # for running the SAE: "auto", "cpu", "cuda"
+QUIET = False  # no progress bars: for scripts and logs
 # ---- outputs
 OUTPUT_CSV = "interpretations.csv"  # one row per selected feature
 REPORT_HTML = "report.html"  # self-contained report (plots inline, no network needed)
@@ -142,7 +144,7 @@ if not 0 < TEMPLATE_SHARE <= 1:
 # ---- feature activations per example (streamed through the SAE in chunks)
 t0 = time.time()
 try:
-    ex = example_features(sae, acts, TokenSelection(acts, selection), INTERPRET_TOKENS, device)
+    ex = example_features(sae, acts, TokenSelection(acts, selection), INTERPRET_TOKENS, device, progress=not QUIET)
 except NonFiniteActivations as e:
     fail(str(e))
 max_NM, peak_NM = ex.max_NM, ex.peak_NM
@@ -218,7 +220,8 @@ if api_key or base_url:
         if selected:  # the first request alone: a refused key stops here, not after N_WORKERS requests
             describe(selected[0])
         with ThreadPoolExecutor(N_WORKERS) as pool:
-            answers = dict(zip(selected, pool.map(describe, selected)))  # the first from the cache
+            answers = dict(zip(selected, tqdm(pool.map(describe, selected), total=len(selected), leave=False,
+                                              desc="LLM descriptions", disable=QUIET or None)))  # the first: cached
             for f, answer in answers.items():
                 if answer:
                     features[f].description, features[f].source = answer, Source.LLM
@@ -228,8 +231,9 @@ if api_key or base_url:
                 jobs = [(f, text, truth) for f in selected if answers[f]
                         for texts, truth in ((features[f].held_out, True), (features[f].held_silent, False))
                         for text in texts]
-                votes = list(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
-                                                           temperature=0.0, max_tokens=2), jobs))
+                votes = list(tqdm(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
+                                                                temperature=0.0, max_tokens=2), jobs),
+                                  total=len(jobs), desc="LLM scoring", leave=False, disable=QUIET or None))
                 for f in selected:
                     pairs = [(v.lower().startswith("yes"), truth) for (g, _, truth), v in zip(jobs, votes)
                              if g == f and v is not None]

@@ -64,6 +64,7 @@ BF16 = False  # bfloat16 autocast on CUDA
 # ---- output
 RUN_NAME = "cognitive_actions"  # checkpoints/{RUN_NAME}/SAE_M={M}_K={K}.pt
 RESUME = False  # continue from that checkpoint's last epoch
+QUIET = False  # no progress bars and no per-epoch lines: for scripts and logs
 EXPORT_SAELENS = True  # also write cfg.json + sae_weights.safetensors for SAELens (TopK; BatchTopK as JumpReLU)
 # ---- evaluation with the model in the loop
 EVAL_LM = True  # next-token loss with the layer's output replaced by the SAE's reconstruction, on validation examples
@@ -88,6 +89,8 @@ for name, value in (("LR", LR), ("GRAD_CLIP", GRAD_CLIP)):
         fail(f"{name}={value} must be positive (e.g. --lr=5e-4, --grad_clip=1.0)")
 if not 0 < VAL_FRACTION < 1:
     fail(f"VAL_FRACTION={VAL_FRACTION} must be between 0 and 1 (e.g. 0.1)")
+if QUIET:
+    runtime.quiet_libraries()
 device = runtime.pick_device(DEVICE)
 if device.type == "cuda" and not torch.cuda.is_available():
     fail(f"DEVICE={DEVICE} but CUDA is not available here; use --device=cpu or --device=auto")
@@ -201,7 +204,7 @@ try:
             steps = int(-dist.all_reduce([-(stream.n_tokens(epoch) // BATCH_SIZE)], "max")[0])
             batches = (x for _, x in zip(range(steps), batches))
         for x in tqdm(batches, total=steps_per_epoch // world, desc=f"epoch {epoch + 1}", leave=False,
-                      disable=rank > 0 or None):
+                      disable=rank > 0 or QUIET or None):
             x = x.to(device, non_blocking=True)
             out = step(sae, x, sae.dead_mask(), backward=True, autocast=autocast)
             grad_norm = out.grad_norm  # decoder gradients are already tangent to the unit-norm rows
@@ -237,8 +240,9 @@ try:
             best_state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
         else:
             bad_epochs += 1
-        print(f"Epoch {epoch + 1}/{N_EPOCHS}: train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
-              f"dead_ratio={dead_ratio:.3f}{' *' if improved else ''}", flush=True)
+        if not QUIET:
+            print(f"Epoch {epoch + 1}/{N_EPOCHS}: train_loss={train_loss:.4f} val_loss={val_loss:.4f} "
+                  f"dead_ratio={dead_ratio:.3f}{' *' if improved else ''}", flush=True)
         stop = bad_epochs >= PATIENCE
         if rank == 0:  # the only writer; every process holds the same weights
             save_checkpoint(path, {**run_record, "state_dict": best_state, "history": history, "epoch": epoch + 1},
@@ -309,18 +313,18 @@ if EVAL_LM:
         print(f"LM evaluation skipped: {e}")
     if location is not None:
         model_dtype = runtime.pick_dtype(acts.meta.get("dtype_setting", "auto"), device)
-        model = lm.load_model(location, device, model_dtype)
+        language_model = lm.load_model(location, device, model_dtype)
         chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
         examples = [(np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]),
                      selection.example_mask(acts, i)) for i in chosen]
         sae.eval()
         t0 = time.time()
-        lm_metrics = lm_eval.evaluate_lm(model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
-                                    EVAL_BATCH_TOKENS)
+        lm_metrics = lm_eval.evaluate_lm(language_model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
+                                    EVAL_BATCH_TOKENS, progress=not QUIET)
         lm_metrics["replaced"] = (f"the tokens TRAIN_TOKENS={TRAIN_TOKENS!r} selects within each example on its own "
                                   f"(for 'distinct': all but the first); others keep the model's output")
         metrics["lm_eval"] = lm_metrics
-        del model
+        del language_model
         print(f"LM evaluation on {len(examples)} validation examples ({lm_metrics['predictions']} next-token "
               f"predictions, {time.time() - t0:.1f}s): layer {acts.meta['layer']} output replaced at "
               f"{lm_metrics['replaced_positions']} positions, {lm_metrics['replaced']}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .activations import ROLE_SPECIAL
 from .probe import probe_accuracy
@@ -46,10 +47,11 @@ class ExampleFeatures:
 
 @torch.no_grad()
 def example_features(sae, acts, selection: TokenSelection, tokens: str = "content", device="cpu",
-                     chunk_tokens: int = 1 << 14) -> ExampleFeatures:
+                     chunk_tokens: int = 1 << 14, progress: bool = False) -> ExampleFeatures:
     """Per-example maxima over the example's content tokens (tokens="content") or over the positions
     the selection trains on within the example ("trained"), plus where each feature fires in the file.
-    `selection` holds the shared prefixes of the whole file (TokenSelection(acts, name))."""
+    `selection` holds the shared prefixes of the whole file (TokenSelection(acts, name)); `progress` shows a
+    bar over the tokens."""
     if tokens not in ("content", "trained"):
         raise ValueError(f"tokens={tokens!r} must be 'content' or 'trained'")
     n, m = acts.n_examples, sae.m
@@ -60,7 +62,10 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
     mass = {"content": np.zeros(m), "template": np.zeros(m)}
     peak_val_M, peak_token_M = np.zeros(m, dtype=np.float32), np.full(m, -1, dtype=np.int64)
     first_row = 0  # eval_batches walks all examples in file order, so chunks are consecutive rows
+    bar = tqdm(total=acts.n_tokens, unit="tok", desc="feature maxima per example", leave=False,
+               disable=None if progress else True)  # None: shown on a terminal
     for x, _, rows in eval_batches(acts, np.arange(n), selection, chunk_tokens):
+        bar.update(len(x))
         row_ids = np.arange(first_row, first_row + len(x))
         example_of_row = np.searchsorted(acts.offsets, row_ids, side="right") - 1
         pos_in_example = row_ids - acts.offsets[example_of_row]
@@ -87,6 +92,7 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
         max_NM[ex, feats] = v  # chunks hold whole examples: each cell is written in one chunk only
         peak_NM[ex, feats] = pos
         first_row += len(x)
+    bar.close()
     mean_ND = (sum_ND.numpy() / np.maximum(count_N, 1)[:, None]).astype(np.float32)
     return ExampleFeatures(max_NM, peak_NM, mean_ND, mass["content"], mass["template"], peak_token_M)
 

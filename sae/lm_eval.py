@@ -2,6 +2,7 @@
 reconstruction (or by zeros, or by the mean), beside the clean model."""
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .forward import length_batches, pad_right
 from .lm import decoder_blocks
@@ -36,7 +37,7 @@ def next_token_loss(model, input_ids, attention_mask, layer: int, replace=None, 
     return ce, int(valid.sum()), kl, logp
 
 
-def evaluate_lm(model, examples, layer: int, recon_fn, mean_D, batch_tokens: int = 2048) -> dict:
+def evaluate_lm(model, examples, layer: int, recon_fn, mean_D, batch_tokens: int = 2048, progress: bool = False) -> dict:
     """Cross-entropy of the clean model and with the layer's output replaced (at each example's
     `replace` positions) by recon_fn(h), by zeros and by mean_D; ΔLM loss, fraction of loss recovered
     and KL. `examples` is a list of (token_ids int array, replace mask bool array), each run on its own
@@ -47,7 +48,9 @@ def evaluate_lm(model, examples, layer: int, recon_fn, mean_D, batch_tokens: int
     n_pred = n_replaced = 0
     ablations = {"sae": recon_fn, "zero": lambda h: torch.zeros_like(h),
                  "mean": lambda h: mean_D.to(h.device, h.dtype).expand_as(h)}
-    for batch in length_batches(lengths, batch_tokens):
+    batches = length_batches(lengths, batch_tokens)
+    for batch in tqdm(batches, desc="LM evaluation (4 forward passes per batch)", leave=False,
+                      disable=None if progress else True):  # None: shown on a terminal
         ids, mask = pad_right([examples[i][0] for i in batch])
         where, _ = pad_right([examples[i][1] for i in batch], False, torch.bool)
         ids, mask, where = ids.to(device), mask.to(device), where.to(device)

@@ -5,6 +5,13 @@ import sys
 import torch
 
 
+def quiet_libraries():
+    """No progress bars or info lines from transformers (loading, GGUF dequantizing): QUIET runs."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

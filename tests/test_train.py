@@ -232,3 +232,9 @@ def test_unwritable_outputs_are_found_before_the_work(tmp_path, acts_path, args,
     proc = train(tmp_path, acts_path, *args, check=False)
     assert proc.returncode == 2 and expected in proc.stderr and "Epoch 1" not in proc.stdout
 
+
+
+def test_quiet_drops_the_per_epoch_lines_but_not_the_results(tmp_path, acts_path):
+    quiet = train(tmp_path, acts_path, "--n_epochs=2", "--run_name=q", "--eval_lm=False", "--quiet", "true").stdout
+    assert "Epoch 1/2" not in quiet and "Val MSE: " in quiet and "Saved " in quiet
+    assert "Epoch 1/2" in train(tmp_path, acts_path, "--n_epochs=2", "--run_name=v", "--eval_lm=False").stdout
