@@ -205,8 +205,7 @@ if not share_finished:
 
     t_start = time.time()
     bar = tqdm(total=share_tokens, initial=int(offsets[done] - offsets[first]), unit="tok", desc="extract",
-               disable=QUIET or None,
-               smoothing=0.1, disable=rank > 0 or None)
+               smoothing=0.1, disable=rank > 0 or QUIET or None)
     try:
         start = done
         while start < last:

@@ -53,7 +53,7 @@ def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp
 
 def test_pipeline_errors(tiny_model, tmp_path):
     proc = run_script("run_pipeline.py", "--no_such_knob=1", cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "unknown setting --no_such_knob: no script has it" in proc.stderr
+    assert proc.returncode != 0 and "unknown setting no_such_knob (in --no_such_knob=1): no script has it" in proc.stderr
     proc = run_script("run_pipeline.py", f"--model_name={tiny_model}", "--max_length=1", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "step 'extract' (extract_activations.py) failed with exit code 2" in proc.stderr
     assert "MAX_LENGTH=1 is too small" in proc.stderr
