@@ -1,10 +1,10 @@
 """The C step's library cache: a library planted where others can write is never loaded."""
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from conftest import require_c_compiler
 from sae import c_step
 
 PLANT = r"""
@@ -19,8 +19,7 @@ __attribute__((constructor)) static void planted(void) {
 @pytest.fixture
 def planted(tmp_path):
     """A harmless library that writes a marker file when loaded, under the name the cache would use."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler")
+    require_c_compiler()
     marker = tmp_path / "marker"
     source = tmp_path / "plant.c"
     source.write_text(PLANT % marker)

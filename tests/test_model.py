@@ -1,10 +1,9 @@
-import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import require_c_compiler
 from sae.checkpoint import FORMAT, build_sae, load_checkpoint, save_atomic
 from sae.c_step import load_c_step
 from sae.model import AUX_COEF, SparseAutoencoder, check_config, default_prefixes
@@ -21,8 +20,7 @@ def seeded():
 @pytest.fixture(scope="module")
 def c_step():
     """The C training step; skipped only where there is no C compiler at all."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler: the C step cannot be built here")
+    require_c_compiler()
     step, why_not = load_c_step()
     assert step is not None, why_not
     return step
@@ -66,17 +64,41 @@ def test_topk_has_exactly_k_nonzeros_per_row():
     assert ((codes > 0).sum(1) == sae.k).all()
 
 
-def test_batch_topk_keeps_k_times_b_per_batch_and_uses_threshold_at_inference():
+def test_batch_topk_keeps_k_times_b_per_batch_in_training():
     sae = make(batch_topk=True, bias=5.0)
-    x = torch.randn(64, 12)
-    codes = sae.train().encode(x)
+    codes = sae.train().encode(torch.randn(64, 12))
     assert int((codes > 0).sum()) == sae.k * 64
     assert (codes > 0).sum(1).float().std() > 0, "BatchTopK should vary the count per token"
     assert sae.threshold > 0
-    sae.eval()
-    pre = sae.pre_acts(x)
-    expected = F.relu(pre) * (pre > sae.threshold)
-    torch.testing.assert_close(sae.encode(x), expected)
+
+
+def test_batch_topk_inference_keeps_exactly_the_pre_activations_above_the_threshold():
+    """Hand-made pre-activations and threshold 1.0: codes are the values strictly above it, nothing else."""
+    sae = make(batch_topk=True, m=6, k=2).eval()
+    sae.threshold.fill_(1.0)
+    pre = torch.tensor([[2.0, 0.5, 1.5, -3.0, 1.0, 0.9],
+                        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],  # nothing above: no code at all
+                        [5.0, 4.0, 3.0, 2.0, 1.01, -1.0]])  # five above: more than K, all kept
+    idx, vals = sae.codes_sparse(pre)
+    dense = torch.zeros(3, 6).scatter_add(1, idx, vals)
+    expected = torch.tensor([[2.0, 0, 1.5, 0, 0, 0], [0, 0, 0, 0, 0, 0], [5.0, 4.0, 3.0, 2.0, 1.01, 0]])
+    assert torch.equal(dense, expected)
+
+
+def test_trained_batch_topk_averages_about_k_active_features_on_held_out_tokens():
+    g = torch.Generator().manual_seed(0)
+    atoms = F.normalize(torch.randn(48, 24, generator=g), dim=1)
+    x = (torch.rand(12_000, 48, generator=g) < 0.06) * torch.rand(12_000, 48, generator=g) @ atoms
+    sae = SparseAutoencoder(24, 64, 4, batch_topk=True, dead_steps=50)
+    sae.init_from_data(x[:2000])
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for epoch in range(3):
+        for batch in x[:10_000][torch.randperm(10_000, generator=g)].split(256):
+            out = pytorch_step(sae.train(), batch, sae.dead_mask(), backward=True)
+            pytorch_step.update(sae, opt, 1.0, out.grad_norm)
+            sae.update_dead(out.fired)
+    l0 = (sae.eval().encode(x[10_000:]) > 0).sum(1).float().mean().item()
+    assert 3.0 < l0 < 5.0, f"mean L0 {l0:.2f} on held-out tokens, K=4"
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])
@@ -117,8 +139,7 @@ def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes
 
 def test_the_c_step_built_without_openmp_runs_on_one_thread_to_the_same_result():
     """Where the compiler has no OpenMP (Apple clang alone) the C step is built without it."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler here")
+    require_c_compiler()
     step, why_not = load_c_step(threading_options=([],))
     assert step is not None, why_not
     assert step.name.startswith("C (one thread")
@@ -177,22 +198,27 @@ def test_both_steps_return_the_same_result(c_step, batch_topk, backward):
 
 
 def test_c_update_equals_clip_adam_and_renormalising(c_step):
-    """Clipping, torch.optim.Adam and the unit-norm decoder rows in one pass, on Adam's own state."""
-    a, b = make(), make()
+    """Clipping, torch.optim.Adam and the unit-norm decoder rows in one pass, on Adam's own state. Every
+    other step clips (max_norm 0.05 under gradient norms of about 0.4), and clipping changes the result."""
+    a, b, unclipped = make(), make(), make()
     b.load_state_dict(a.state_dict())
-    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, fused=True)
-    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, fused=True)
-    for step in range(4):
-        x = torch.randn(30, 12) * (3 if step % 2 else 300)  # the large batches are clipped
-        out_a, out_b = pytorch_step(a, x, backward=True), pytorch_step(b, x, backward=True)
-        torch.nn.utils.clip_grads_with_norm_(a.parameters(), 1.0, out_a.grad_norm)
+    unclipped.load_state_dict(a.state_dict())
+    opt_a, opt_b, opt_u = (torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (a, b, unclipped))
+    for step in range(6):
+        x = torch.randn(30, 12) * 3
+        max_norm = 0.05 if step % 2 == 0 else 100.0
+        out_a, out_b, out_u = (pytorch_step(m, x, backward=True) for m in (a, b, unclipped))
+        assert (out_b.grad_norm > max_norm) == (step % 2 == 0), "even steps clip, odd ones do not"
+        torch.nn.utils.clip_grads_with_norm_(a.parameters(), max_norm, out_a.grad_norm)
         opt_a.step()
         a.normalize_decoder()
-        c_step.update(b, opt_b, 1.0, out_b.grad_norm)
+        c_step.update(b, opt_b, max_norm, out_b.grad_norm)
+        c_step.update(unclipped, opt_u, 100.0, out_u.grad_norm)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(b.b_enc_M, unclipped.b_enc_M, rtol=1e-4, atol=1e-6), "clipping had an effect"
     torch.optim.Adam(a.parameters(), fused=True).load_state_dict(opt_b.state_dict())  # resumable as torch's
-    assert float(opt_b.state[b.W_dec_MD]["step"]) == 4
+    assert float(opt_b.state[b.W_dec_MD]["step"]) == 6
 
 
 @pytest.mark.parametrize("threads", [1, 3])

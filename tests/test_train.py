@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_when, ROOT, make_activations, run_script
+from conftest import require_c_compiler, kill_when, ROOT, make_activations, run_script
 from sae.checkpoint import load_checkpoint
 from sae.data import sha256_file
 from sae.selection import TokenSelection
@@ -117,8 +117,7 @@ def test_without_a_c_compiler_training_takes_the_pytorch_step_to_the_same_result
     args = [f"--activations_path={acts_path}", *SMALL, "--n_epochs=3", "--export_saelens=False"]
     plain = run_script("train_sae.py", *args, "--run_name=plain", cwd=tmp_path, env=dict(os.environ, CC="no-such-cc"))
     assert "Note: no C compiler (no-such-cc) on PATH; training uses the PyTorch step" in plain.stdout
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler here: only the PyTorch step can run")
+    require_c_compiler()
     assert "PyTorch training step" in plain.stdout
     with_c = run_script("train_sae.py", *args, "--run_name=with_c", cwd=tmp_path)
     assert "C training step" in with_c.stdout and "Note:" not in with_c.stdout
