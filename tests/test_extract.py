@@ -206,3 +206,29 @@ def test_bad_settings_messages(args, expected, tiny_model, tiny_dataset, tmp_pat
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hf"))
     proc = run_script("extract_activations.py", *base, *args, check=False, env=env)
     assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_stored_rows_equal_an_independent_hidden_states_forward(tiny_model, tiny_dataset, tmp_path, loaded, chat_template):
+    """Each example's rows, for several layers at once, against transformers' own output_hidden_states[L + 1]
+    of that example run alone, with token ids from the tokenizer's own chat template (or plain encoding)."""
+    model, tok = loaded
+    out = tmp_path / "acts"
+    run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={tiny_dataset}",
+               f"--output_dir={out}", "--layer_idx=[0, 2]", f"--chat_template={chat_template}", "--batch_tokens=300",
+               cwd=tmp_path)
+    files = {L: np.load(out / f"activations_layer{L}.npz") for L in (0, 2)}
+    offsets = files[0]["offsets"]
+    for i, r in enumerate(tiny_records()):
+        messages = r.get("messages") or [{"role": "user", "content": r["text"]}]
+        if chat_template:
+            ids = tok.apply_chat_template(messages, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tok("\n\n".join(m["content"] for m in messages))["input_ids"]
+        np.testing.assert_array_equal(files[0]["token_ids"][offsets[i]:offsets[i + 1]], ids, err_msg=f"example {i}")
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for L, f in files.items():
+            np.testing.assert_allclose(f["activations"][offsets[i]:offsets[i + 1]].astype(np.float32),
+                                       hidden[L + 1][0].numpy(), rtol=2e-3, atol=2e-3, err_msg=f"example {i} layer {L}")
