@@ -232,3 +232,38 @@ def test_stored_rows_equal_an_independent_hidden_states_forward(tiny_model, tiny
         for L, f in files.items():
             np.testing.assert_allclose(f["activations"][offsets[i]:offsets[i + 1]].astype(np.float32),
                                        hidden[L + 1][0].numpy(), rtol=2e-3, atol=2e-3, err_msg=f"example {i} layer {L}")
+
+
+def test_activations_that_overflow_float16_are_named_with_the_fix(tiny_model, tiny_dataset, tmp_path):
+    """A model whose residual stream exceeds float16's range (embeddings scaled by 1e6): float16 storage is
+    refused with one sentence; float32 storage works."""
+    import shutil
+    from transformers import LlamaForCausalLM
+    big = tmp_path / "big_model"
+    shutil.copytree(tiny_model, big)
+    model = LlamaForCausalLM.from_pretrained(big)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e6)
+    model.save_pretrained(big)
+    args = [f"--model_name={big}", f"--dataset_path={tiny_dataset}", "--layer_idx=0"]
+    proc = run_script("extract_activations.py", *args, f"--output_dir={tmp_path / 'a'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "overflow float16; use --store_dtype=float32" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "a" / "activations_layer0.npz").exists()
+    run_script("extract_activations.py", *args, f"--output_dir={tmp_path / 'b'}", "--store_dtype=float32", cwd=tmp_path)
+    assert np.abs(np.load(tmp_path / "b" / "activations_layer0.npz")["activations"]).max() > 65504
+
+
+def test_sliding_window_models_skip_the_prefix_cache(loaded, monkeypatch):
+    """With a sliding window a cached prefix would not be exact: the batch runs whole, with no cache."""
+    model, tok = loaded
+    examples = [chat.tokenize_example(tok, [{"role": "user", "content": t}], True, 512)[0] for t in TEXTS[:3]]
+    ids, mask = forward.pad_right(examples, tok.pad_token_id)
+    assert forward.shared_prefix_length(ids, mask) >= forward.MIN_SHARED_PREFIX
+    assert forward._full_attention_only(model)
+    monkeypatch.setattr(model.config, "sliding_window", 4, raising=False)
+    assert not forward._full_attention_only(model)
+    calls = []
+    original = forward._run_blocks
+    monkeypatch.setattr(forward, "_run_blocks", lambda *a, **kw: calls.append(kw.get("use_cache")) or original(*a, **kw))
+    forward.residual_stream(model, ids, mask, [1])
+    assert calls == [False], "one whole-batch pass without a cache"

@@ -306,3 +306,14 @@ def test_a_full_disk_leaves_all_old_outputs(tmp_path, trained):
     assert [(tmp_path / name).read_bytes() for name in names] == old
     assert sorted(os.listdir(tmp_path)) == names
 
+
+
+def test_select_by_label_auroc_puts_each_labels_best_feature_first(tmp_path, trained):
+    """SELECT_BY=label_auroc: the leading rows are the best features of distinct labels, in decreasing AUROC,
+    and no row is a template feature."""
+    interpret(tmp_path, trained, "--select_by=label_auroc", "--n_top_neurons=6")
+    df = pd.read_csv(tmp_path / "interpretations.csv")
+    n_labels = df.top_label.nunique()
+    leaders = df.head(n_labels)
+    assert leaders.top_label.is_unique and list(leaders.top_label_auroc) == sorted(leaders.top_label_auroc, reverse=True)
+    assert (df.kind == "content").all() and len(df) == 6

@@ -111,13 +111,16 @@ def test_forward_equals_decode_of_encode(batch_topk):
 
 
 @pytest.mark.parametrize("step", ["pytorch", "C"])
-@pytest.mark.parametrize("prefixes,batch_topk", [(None, False), ([8, 32], False), ([4, 16, 32], False),
-                                                 ([8, 32], True)])
-def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, step, request):
+@pytest.mark.parametrize("prefixes,batch_topk,dead_every", [(None, False, 3), ([8, 32], False, 3),
+                                                            ([4, 16, 32], False, 3), ([8, 32], True, 3),
+                                                            ([8, 32], False, 11)])
+def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, dead_every, step,
+                                                                        request):
     """Both training steps against autograd on the dense formulas; the decoder gradient rows lose their
-    component along the (unit) decoder rows."""
+    component along the (unit) decoder rows. Every third feature dead turns aux-K on; every eleventh leaves
+    3 dead features, fewer than aux_k = 8."""
     sae = make(prefixes=prefixes, batch_topk=batch_topk)
-    sae.steps_since_fired[::3] = 10_000  # a third of the features dead: aux-K is on
+    sae.steps_since_fired[::dead_every] = 10_000
     x = torch.randn(40, 12) * 3
     dead = sae.dead_mask()
     dense = dense_reference_loss(sae, x, dead)

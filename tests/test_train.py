@@ -252,3 +252,14 @@ def test_the_saved_weights_are_the_best_epoch_not_the_last(tmp_path, acts_path):
     again = reconstruction_metrics(sae, acts, val_ids, selection, TorchStep(), torch.device("cpu"), 1 << 13)
     assert np.mean(again["prefix_nmse"]) == pytest.approx(min(losses), rel=1e-4)
     assert np.mean(again["prefix_nmse"]) != pytest.approx(losses[-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("tokens", ["all", "no_special"])
+def test_other_token_selections_train_on_exactly_their_tokens(tmp_path, acts_path, tokens):
+    train(tmp_path, acts_path, "--n_epochs=1", "--eval_lm=False", f"--train_tokens={tokens}", f"--run_name={tokens}")
+    ckpt = torch.load(tmp_path / "checkpoints" / tokens / "SAE_M=16_K=4.pt", weights_only=True)
+    acts = open_activations(acts_path)
+    train_ids, _ = split_examples(acts.n_examples, acts.labels, 0.1, 0)
+    roles = [np.asarray(acts.token_role[acts.offsets[i]:acts.offsets[i + 1]]) for i in train_ids]
+    want = sum(len(r) for r in roles) if tokens == "all" else sum(int((r != 0).sum()) for r in roles)
+    assert ckpt["provenance"]["n_train_tokens"] == want and ckpt["provenance"]["train_tokens"] == tokens
