@@ -42,7 +42,7 @@ from sae.data import count_examples, sha256_file
 from sae.files import NO_SPACE, Busy, checkpoint_path, lock_output, text_writer, unfinished_path, unwritable, write_all_atomic
 from sae.features import (auroc, best_labels, content_text, data_description, default_selection,
                           distinctive_tokens, example_features, labels_covered, mark_peak, template_features, token_text)
-from sae.interpretation import CSV_COLUMNS, Feature, Score, Source, annotate_prompt, describe_prompt
+from sae.interpretation import CSV_COLUMNS, Feature, Source, describe_prompt, score_descriptions
 from sae.llm import AuthenticationFailed, CachedChat
 from sae.provenance import interpretation_inputs, interpretation_record_path, make_record
 from sae.report import feature_table, render_report
@@ -228,17 +228,9 @@ if api_key or base_url:
                 else:  # the data's description stays, and says so
                     features[f].source = Source.DATA_NO_ANSWER
             if SCORE:
-                jobs = [(f, text, truth) for f in selected if answers[f]
-                        for texts, truth in ((features[f].held_out, True), (features[f].held_silent, False))
-                        for text in texts]
-                votes = list(tqdm(pool.map(lambda job: chat.ask(ANNOTATOR_MODEL, annotate_prompt(answers[job[0]], job[1]),
-                                                                temperature=0.0, max_tokens=2), jobs),
-                                  total=len(jobs), desc="LLM scoring", leave=False, disable=QUIET or None))
-                for f in selected:
-                    pairs = [(v.lower().startswith("yes"), truth) for (g, _, truth), v in zip(jobs, votes)
-                             if g == f and v is not None]
-                    if pairs:
-                        features[f].score = Score.from_votes(pairs)
+                annotate = lambda messages: chat.ask(ANNOTATOR_MODEL, messages, temperature=0.0, max_tokens=2)  # noqa: E731
+                score_descriptions(features, answers, annotate, lambda fn, jobs: tqdm(
+                    pool.map(fn, jobs), total=len(jobs), desc="LLM scoring", leave=False, disable=QUIET or None))
     except AuthenticationFailed as e:
         fail(str(e))
     unreachable = chat.unreachable

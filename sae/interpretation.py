@@ -108,4 +108,18 @@ def annotate_prompt(description: str, text: str) -> list[dict]:
                                         f"\n\nDoes the text match the description? Answer with one word: yes or no."}]
 
 
+def score_descriptions(features: dict, descriptions: dict, annotate, map_fn=map):
+    """Each described feature's Score: the annotator (annotate(messages) → answer or None) is asked whether
+    each of the feature's held-out examples matches its description, activating ones (truth yes) and
+    silent ones (truth no); `map_fn(fn, jobs)` runs the questions (a thread pool's map, in order)."""
+    jobs = [(f, text, truth) for f, description in descriptions.items() if description
+            for texts, truth in ((features[f].held_out, True), (features[f].held_silent, False)) for text in texts]
+    answers = list(map_fn(lambda job: annotate(annotate_prompt(descriptions[job[0]], job[1])), jobs))
+    for f in descriptions:
+        votes = [(answer.strip().lower().startswith("yes"), truth)
+                 for (g, _, truth), answer in zip(jobs, answers) if g == f and answer is not None]
+        if votes:
+            features[f].score = Score.from_votes(votes)
+
+
 CSV_COLUMNS = list(Feature(0, False, 0.0, 0.0, None, [], None, None, "").csv_row())
