@@ -103,11 +103,12 @@ def require_c_compiler():
         pytest.skip(f"no C compiler ({cc}): the C step cannot be built here")
 
 
-def kill_when(script: str, *args, ready, cwd=None, env=None, timeout=120.0):
-    """Start a pipeline script, wait until ready() is true (checked every 10 ms; exceptions count as not yet),
-    then kill -9 it; fails if the script finished first."""
+def kill_when(script: str, *args, ready, cwd=None, env=None, timeout=120.0, nproc=1):
+    """Start a pipeline script (on `nproc` processes through torchrun when above 1), wait until ready() is
+    true (checked every 10 ms; exceptions count as not yet), then kill -9 it and every process it started;
+    fails if the script finished first."""
     env = dict(env or os.environ, PYTHONPATH=ROOT, TQDM_DISABLE="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([*launcher(sys.executable, nproc), os.path.join(ROOT, script), *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -117,8 +118,15 @@ def kill_when(script: str, *args, ready, cwd=None, env=None, timeout=120.0):
         except Exception:  # a file half-written or not there yet
             pass
         time.sleep(0.01)
+    finished = proc.poll() is not None
+    import psutil  # accelerate's dependency
+    family = psutil.Process(proc.pid).children(recursive=True) if not finished else []  # torchrun's workers too
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, f"{script} finished before it could be killed"
+    for child in family:
+        child.kill()
+    proc.wait()
+    psutil.wait_procs(family, timeout=30)
+    assert not finished, f"{script} finished before it could be killed"
 
 
 def make_activations(path, n_examples=40, d=16, seed=0, labels=True, nan_example=None, length=(5, 30)):

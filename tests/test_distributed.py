@@ -4,7 +4,7 @@ import os
 import numpy as np
 import torch
 
-from conftest import run_script, tiny_records, write_jsonl
+from conftest import kill_when, make_activations, run_script, tiny_records, write_jsonl
 from sae.checkpoint import load_checkpoint
 
 
@@ -41,3 +41,36 @@ def test_two_process_extraction_equals_one_and_training_works(tiny_model, tmp_pa
     x = torch.from_numpy(np.load(acts)["activations"][1:50].astype(np.float32))
     with torch.no_grad():
         assert sae(x).shape == x.shape and ((sae.encode(x) > 0).sum(1) == 4).all()
+
+
+def test_training_killed_under_torchrun_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 of a 2-process training, then --resume=True under torchrun: the same weights and history as a
+    2-process run that was never interrupted (BatchTopK, so the threshold averaged across ranks is covered)."""
+    acts = make_activations(tmp_path / "acts.npz", n_examples=300, seed=3)
+    args = [f"--ACTIVATIONS_PATH={acts}", "--M=16", "--K=4", "--N_EPOCHS=25", "--PATIENCE=100", "--BATCH_SIZE=16",
+            "--USE_BATCH_TOPK=True", "--EVAL_LM=False", "--EXPORT_SAELENS=False"]
+    torchrun("train_sae.py", *args, "--RUN_NAME=whole", cwd=tmp_path)
+    unfinished = tmp_path / "checkpoints" / "cut" / "SAE_M=16_K=4.unfinished.pt"
+    kill_when("train_sae.py", *args, "--RUN_NAME=cut", cwd=tmp_path, nproc=2, timeout=300,
+              ready=lambda: torch.load(unfinished, weights_only=True)["epoch"] >= 2)
+    resumed = torchrun("train_sae.py", *args, "--RUN_NAME=cut", "--RESUME=True", cwd=tmp_path)
+    assert "Resuming" in resumed.stdout
+    a, b = (torch.load(tmp_path / "checkpoints" / run / "SAE_M=16_K=4.pt", weights_only=True) for run in ("whole", "cut"))
+    assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert a["state_dict"]["threshold"] > 0 and b["provenance"]["processes"] == 2
+
+
+def test_run_pipeline_with_nproc_runs_extraction_and_training_on_two_processes(tiny_model, tmp_path):
+    dataset = write_jsonl(tmp_path / "data.jsonl", tiny_records(40))
+    proc = run_script("run_pipeline.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}", "--nproc=2",
+                      f"--output_dir={tmp_path / 'acts'}", "--layer_idx=2", "--m=16", "--k=4", "--n_epochs=2",
+                      "--eval_lm=False", "--steps=extract,train", "--run_name=p", cwd=tmp_path)
+    assert "torch.distributed.run" in proc.stdout and "on 2 processes" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoints" / "p" / "SAE_M=16_K=4.pt", weights_only=True)
+    assert ckpt["provenance"]["processes"] == 2 and ckpt["record"]["processes"] == 2
+    again = run_script("run_pipeline.py", f"--model_name={tiny_model}", f"--dataset_path={dataset}", "--nproc=2",
+                       f"--output_dir={tmp_path / 'acts'}", "--layer_idx=2", "--m=16", "--k=4", "--n_epochs=2",
+                       "--eval_lm=False", "--steps=extract,train", "--run_name=p", cwd=tmp_path)
+    assert again.stdout.count("up to date, skipped") == 2
