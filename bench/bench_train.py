@@ -90,16 +90,22 @@ def main():
     our_rates.append(run_ours_rate())
     our_rate = float(np.mean(our_rates))
     ours, _ = load_checkpoint(OUR_CHECKPOINT)
-    our_nmse = val_nmse(ours, x_val)
+    our_best_nmse = val_nmse(ours, x_val)  # the checkpoint keeps the best epoch; theirs is its last one, so
+    with open(os.path.join(os.path.dirname(OUR_CHECKPOINT), "metrics.json")) as f:  # compare last with last
+        our_nmse = json.load(f)["history"][-1]["val_nmse"]
 
     print(f"activations: {ACTS} ({len(x_train)} train / {len(x_val)} val tokens, split by example)")
     print(f"M={M} K={K} prefixes={PREFIXES} epochs={EPOCHS} batch={BATCH} lr={LR}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"HypotheSAEs SparseAutoencoder.fit: {their_rate:.0f} tokens/s, val normalized MSE {their_nmse:.4f}")
-    print(f"train_sae.py:                      {our_rate:.0f} tokens/s, val normalized MSE {our_nmse:.4f} "
-          f"(runs before and after: {our_rates[0]:.0f}, {our_rates[1]:.0f})")
-    print(f"speed ratio: {our_rate / their_rate:.2f}x; normalized MSE difference (ours - theirs): "
+    print(f"train_sae.py:                      {our_rate:.0f} tokens/s, val normalized MSE {our_nmse:.4f} at the "
+          f"last epoch, {our_best_nmse:.4f} at the saved best (runs before and after: {our_rates[0]:.0f}, "
+          f"{our_rates[1]:.0f})")
+    print(f"speed ratio: {our_rate / their_rate:.2f}x; normalized MSE difference, last epochs (ours - theirs): "
           f"{our_nmse - their_nmse:+.4f}")
+    if abs(our_nmse - their_nmse) > 0.01:
+        sys.exit(f"the two disagree by {our_nmse - their_nmse:+.4f} normalized MSE: the same math should "
+                 f"agree within 0.01")
 
     if "--memory" in sys.argv:
         big = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "activations_x4.npz")
