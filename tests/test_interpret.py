@@ -77,11 +77,18 @@ def test_llm_descriptions_scores_retries_and_cache(tmp_path, trained):
         df = pd.read_csv(tmp_path / "interpretations.csv")
         assert (df.interpretation == DESCRIPTION).all()
         assert df.f1.between(0, 1).all() and df.precision.notna().all() and df.recall.notna().all()
-        assert "3 retries" in proc.stdout and "answered from the cache" in proc.stdout
+        summary = re.search(r"LLM: (\d+) requests made \((\d+) retries, (\d+) failed\), (\d+) answered from the cache",
+                            proc.stdout).groups()
+        # every request the server saw, 3 of them retries; at least the first description is answered from the
+        # cache (asked alone, then again through the pool), and identical prompts are asked once
+        requests, retries, failed, hits = map(int, summary)
+        assert (requests, retries, failed) == (len(statuses), 3, 0) and hits >= 1, summary
         n_before = len(server.log)
         again = interpret(tmp_path, trained, env=env)
         assert len(server.log) == n_before, "a second run makes no request"
-        assert "LLM: 0 requests made" in again.stdout
+        # every question of the first run (answered by the server or by the cache) is now a cache hit
+        assert f"LLM: 0 requests made (0 retries, 0 failed), {statuses.count(200) + hits} answered from the cache" \
+            in again.stdout
         assert pd.read_csv(tmp_path / "interpretations.csv").equals(df)
     finally:
         server.close()
