@@ -258,6 +258,14 @@ except OSError as e:
     raise
 elapsed = time.time() - t_start
 if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
+    # every process must hold the same model (gradients, BatchTopK thresholds and dead-feature counters are
+    # combined at each step): compare a sum of each tensor across processes before only rank 0 goes on
+    differ = dist.differs_across_processes([float(t.double().sum()) for t in sae.state_dict().values()])
+    if differ:
+        fail(f"the {world} processes ended training with different {', '.join(list(sae.state_dict())[i] for i in differ)}; "
+             f"this is a bug in combining their steps, please report it (one process gives a usable model: "
+             f"rerun without torchrun)")
+    print(f"All {world} processes hold the same weights, threshold and dead-feature counters")
     dist.barrier()
     dist.finish()
     if rank > 0:

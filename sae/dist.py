@@ -69,6 +69,13 @@ def average_(t: torch.Tensor) -> torch.Tensor:
     return t.div_(world())
 
 
+def differs_across_processes(values) -> list[int]:
+    """Indices of the numbers that are not the same on every process (compared by their max and min)."""
+    high = all_reduce(values, "max")
+    low = -all_reduce([-v for v in values], "max")
+    return [int(i) for i in np.flatnonzero(high != low)]
+
+
 def sum_and_max(count, seconds):
     """Total of a count and the slowest time over all processes."""
     return int(all_reduce([count])[0]), float(all_reduce([seconds], "max")[0])

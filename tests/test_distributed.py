@@ -32,6 +32,7 @@ def test_two_process_extraction_equals_one_and_training_works(tiny_model, tmp_pa
     proc = torchrun("train_sae.py", f"--ACTIVATIONS_PATH={acts}", "--M=16", "--K=4", "--N_EPOCHS=3",
                     "--BATCH_SIZE=32", "--RUN_NAME=ddp", cwd=tmp_path)
     assert "Data parallel over 2 processes (gloo): effective batch 64" in proc.stdout
+    assert "All 2 processes hold the same weights, threshold and dead-feature counters" in proc.stdout
     assert proc.stdout.count("Epoch 1/3") == 1, "only rank 0 prints"
     path = tmp_path / "checkpoints" / "ddp" / "SAE_M=16_K=4.pt"
     ckpt = torch.load(path, weights_only=True)
@@ -54,7 +55,7 @@ def test_training_killed_under_torchrun_resumes_to_the_uninterrupted_result(tmp_
     kill_when("train_sae.py", *args, "--RUN_NAME=cut", cwd=tmp_path, nproc=2, timeout=300,
               ready=lambda: torch.load(unfinished, weights_only=True)["epoch"] >= 2)
     resumed = torchrun("train_sae.py", *args, "--RUN_NAME=cut", "--RESUME=True", cwd=tmp_path)
-    assert "Resuming" in resumed.stdout
+    assert "Resuming" in resumed.stdout and "All 2 processes hold the same weights" in resumed.stdout
     a, b = (torch.load(tmp_path / "checkpoints" / run / "SAE_M=16_K=4.pt", weights_only=True) for run in ("whole", "cut"))
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
     for k, v in a["state_dict"].items():
