@@ -189,7 +189,7 @@ for f in selected:
     marked = [mark_peak(tokenizer, *acts.tokens(i), int(peak_NM[i, f]), CONTEXT_TOKENS)
               for i in firing[:N_EXAMPLES + n_held]]
     plain = [content_text(tokenizer, *acts.tokens(i), 4 * CONTEXT_TOKENS) for i in silent[:N_EXAMPLES + n_held]]
-    peak_ids = np.array([acts.tokens(i)[0][peak_NM[i, f]] for i in firing])
+    peak_ids = np.asarray(acts.token_ids[acts.offsets[firing] + peak_NM[firing, f]])
     best_label = best_auroc = None
     if auroc_LM is not None and best_label_M[f] >= 0:
         best_label, best_auroc = label_names[best_label_M[f]], float(best_auroc_M[f])
@@ -216,7 +216,7 @@ if api_key or base_url:
     print(f"LLM: {OPENAI_MODEL} describes, {ANNOTATOR_MODEL} scores, at {chat.url}")
     try:  # descriptions of the selected features, then their scores on held-out examples
         describe = lambda f: chat.ask(OPENAI_MODEL, describe_prompt(features[f], TASK_HINT), temperature=0.0,  # noqa: E731
-                                      max_tokens=60)  # noqa: E731
+                                      max_tokens=60)
         if selected:  # the first request alone: a refused key stops here, not after N_WORKERS requests
             describe(selected[0])
         with ThreadPoolExecutor(N_WORKERS) as pool:

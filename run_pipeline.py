@@ -150,13 +150,10 @@ def size(path):
     return f"{os.path.getsize(path) / 2**20:.1f} MiB" if os.path.isfile(path) else "missing"
 
 
-meta = readable(lambda p: open_activations(p).meta, acts_path) if os.path.isfile(acts_path) else None
-if meta is not None:
-    print(f"activations   {acts_path} ({size(acts_path)}): {meta['n_examples']} examples, {meta['n_tokens']} tokens, "
-          f"{meta['model']} layer {meta['layer']}")
 def read_checkpoint(path):
+    """The checkpoint dict, its tensors memory-mapped: the summary reads only its metrics."""
     import torch  # here only: the steps run in their own processes, the pipeline needs torch for this alone
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def read_json(path):
@@ -164,6 +161,10 @@ def read_json(path):
         return json.load(f)
 
 
+meta = readable(lambda p: open_activations(p).meta, acts_path) if os.path.isfile(acts_path) else None
+if meta is not None:
+    print(f"activations   {acts_path} ({size(acts_path)}): {meta['n_examples']} examples, {meta['n_tokens']} tokens, "
+          f"{meta['model']} layer {meta['layer']}")
 ckpt = readable(read_checkpoint, ckpt_path) if os.path.isfile(ckpt_path) else None
 if isinstance(ckpt, dict):
     m = ckpt.get("metrics", {})

@@ -74,7 +74,7 @@ def read_record(path: str) -> dict | None:
             return json.loads(str(z["meta"])).get("record")
     if path.endswith(".pt"):
         import torch
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the weights are not read
         return ckpt.get("record") if isinstance(ckpt, dict) and "resume" not in ckpt else None
     with open(path, encoding="utf-8") as f:
         return json.load(f).get("record")
