@@ -31,7 +31,7 @@ from sae.activations import StreamingNpzWriter, examples_between, open_activatio
 from sae.config import configure, fail
 from sae.files import (NO_SPACE, Busy, activations_path, extract_metrics_path, lock_output, share_path, unwritable,
                        write_text_atomic)
-from sae.provenance import differences, make_record
+from sae.provenance import differences, extraction_record, make_record
 from sae.data import DatasetError, iter_examples, resolve_label_field, sha256_file
 
 # ---- model
@@ -148,7 +148,7 @@ try:
     lock_output(progress_path)  # one extraction per output folder (and rank) at a time
 except Busy as e:
     fail(str(e))
-record = make_record("extract", config, {"dataset": dataset_sha256})
+record = make_record("extract", config, {"dataset": dataset_sha256})  # of this run (resuming); each file has its own
 work = {"n_tokens": n_tokens, "layers": layers, "share": [first, last], "format": 1}  # this process's part of it
 store_dtype = np.dtype(STORE_DTYPE)
 meta = {L: {"model": MODEL_NAME, "model_source": location.source, "n_layers": n_blocks, "hidden_size": d_model,
@@ -158,7 +158,8 @@ meta = {L: {"model": MODEL_NAME, "model_source": location.source, "n_layers": n_
             "n_truncated_examples": int(n_cut_examples), "n_truncated_tokens": int(n_cut_tokens),
             "roles": {"0": "special/template (and each example's first token)", "1": "system", "2": "user",
                       "3": "assistant"}, "layer": L, "hook": f"blocks.{L}.hook_resid_post",
-            "dtype_setting": DTYPE, "cache_dir": CACHE_DIR, "record": record} for L in layers}
+            "dtype_setting": DTYPE, "cache_dir": CACHE_DIR,
+            "record": extraction_record(config, L, dataset_sha256)} for L in layers}
 # the small arrays of every example, sliced for each file by examples_between
 examples = {"offsets": offsets, "token_ids": np.concatenate(ids_per_example), "token_role": np.concatenate(roles_per_example),
             "example_index": np.asarray(example_index), "labels": np.asarray(labels, dtype=str) if label_field else None}
@@ -272,4 +273,5 @@ if rank == 0:
     print(f"Throughput: {rate or float('nan'):.0f} tokens/s ({processed} tokens in {elapsed:.1f}s"
           f"{f' on {world} processes' if world > 1 else ''})")
     write_text_atomic(extract_metrics_path(OUTPUT_DIR), json.dumps(
-        {"tokens": processed, "seconds": elapsed, "tokens_per_s": rate, "processes": world, "layers": layers}, indent=2))
+        {"tokens": processed, "seconds": elapsed, "tokens_per_s": rate, "processes": world, "layers": layers,
+         "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device)}, indent=2))

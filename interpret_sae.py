@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from sae import lm, runtime
+from sae import lm, runtime, sweep
 from sae.activations import ActivationFileError, open_activations
 from sae.checkpoint import CheckpointError, load_checkpoint
 from sae.config import configure, fail, redacted
@@ -80,6 +80,7 @@ QUIET = False  # no progress bars: for scripts and logs
 # ---- outputs
 OUTPUT_CSV = "interpretations.csv"  # one row per selected feature
 REPORT_HTML = "report.html"  # self-contained report (plots inline, no network needed)
+SWEEP_CSV = None  # a sweep's table (run_pipeline.py sets it): shown in the report as the cells this SAE was chosen from
 # -----------------------------------------------------------------------------
 config = configure(globals(), also={"SELECT_BY": (list,)})
 # -----------------------------------------------------------------------------
@@ -103,6 +104,10 @@ if sae.d_in != acts.d:
          f"use the activations it was trained on (provenance: {ckpt['provenance'].get('activations_path')})")
 if not os.path.isfile(DATASET_PATH):
     fail(f"dataset {DATASET_PATH} does not exist; set DATASET_PATH to the file the activations came from")
+try:
+    sweep_rows = sweep.read_csv(SWEEP_CSV) if SWEEP_CSV else []
+except (OSError, ValueError, KeyError) as e:
+    fail(f"SWEEP_CSV={SWEEP_CSV} cannot be read ({e}); rerun run_pipeline.py, which writes it, or set it to None")
 dataset_sha = sha256_file(DATASET_PATH)
 if acts.meta.get("dataset_sha256") != dataset_sha:
     fail(f"{DATASET_PATH} is not the dataset {ACTIVATIONS_PATH} was extracted from (sha256 differs; it came "
@@ -259,8 +264,8 @@ label_note = (f"{len(covered)} of {len(label_names)} labels are some feature's o
 html = render_report(f"SAE features: {acts.meta['model']} layer {acts.meta['layer']}, M={sae.m}, K={sae.k}",
               {"interpret": redacted(config), "train": ckpt.get("config"), "provenance": ckpt.get("provenance")},
               metrics, ckpt.get("history", []), prevalence, auroc_LM, label_names, cards, llm_note,
-              template_rows=template_rows, label_note=label_note)
-record = make_record("interpret", config, interpretation_inputs(ckpt_path, DATASET_PATH, chat is not None),
+              template_rows=template_rows, label_note=label_note, sweep_rows=sweep_rows)
+record = make_record("interpret", config, interpretation_inputs(ckpt_path, DATASET_PATH, chat is not None, SWEEP_CSV),
                      complete=chat is None or n_described == len(selected))  # complete: every feature described
 record_path = interpretation_record_path(REPORT_HTML)
 try:  # all outputs, or none: an old report never sits beside a new CSV

@@ -5,6 +5,7 @@
     python run_pipeline.py configs/llama8b.py                # a config file of NAME = value lines
     python run_pipeline.py --steps=train,interpret --force   # pick steps; --force reruns even when up to date
     python run_pipeline.py --nproc=2                         # extraction and training on 2 processes (torchrun)
+    python run_pipeline.py --layer_idx=[6,12,18,24] --m=[128,256,512]   # a sweep: one SAE per (layer, M, K)
     OPENAI_API_KEY=sk-... python run_pipeline.py             # with LLM descriptions of the features
 
 A setting (`--name=value`, `--name value`, or a line of a config file such as configs/llama8b.py) is passed
@@ -14,7 +15,16 @@ OUTPUT_DIR/activations_layer{LAYER_IDX}.npz and checkpoints/{RUN_NAME}/SAE_M={M}
 outputs exist and record the same settings and inputs (each output holds a record of the settings and the
 sha256 of the files it was made from: sae/provenance.py) is skipped, so a rerun only redoes what changed.
 No prompts, ever.
+
+A sweep: LAYER_IDX, M and K each take a list. Extraction runs once for all layers; training runs once per
+(layer, M, K) cell, each a normal checkpoint (with a list of layers the run name gets the layer:
+checkpoints/{RUN_NAME}_layer{L}/SAE_M={M}_K={K}.pt); sweep.csv (beside OUTPUT_CSV), the console and the
+report compare the cells, and the best one by the rule in sae/sweep.py (the most labels covered among the
+cells whose ΔLM loss is at most --max_delta_lm percent, default 10) is interpreted into OUTPUT_CSV and
+REPORT_HTML. --interpret_cells=all interprets every cell too (its outputs named after it, such as
+report_layer6_M128_K8.html). Cells that are up to date are skipped, so a longer list extends a sweep.
 """
+import functools
 import json
 import os
 import subprocess
@@ -23,21 +33,23 @@ import time
 
 import pandas as pd
 
+from sae import sweep
 from sae.activations import open_activations
 from sae.config import ConfigError, command_line, fail, parse_value, script_knobs
 from sae.data import sha256_file
 from sae.launch import launcher
-from sae.files import activations_path, checkpoint_path
-from sae.provenance import differences, interpretation_inputs, interpretation_record_path, make_record, read_record
+from sae.files import activations_path, checkpoint_path, write_text_atomic
+from sae.provenance import (differences, extraction_record, interpretation_inputs, interpretation_record_path,
+                            make_record, read_record)
 from sae.report import feature_table
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {"extract": "extract_activations.py", "train": "train_sae.py", "interpret": "interpret_sae.py"}
-SET_BY_PIPELINE = {"ACTIVATIONS_PATH", "SAE_CHECKPOINT"}  # the paths between steps
+SET_BY_PIPELINE = {"ACTIVATIONS_PATH", "SAE_CHECKPOINT", "SWEEP_CSV"}  # the paths between steps
 
 # ---- command line: flags, and settings routed to the scripts that have them
 knobs = {step: script_knobs(os.path.join(ROOT, script)) for step, script in SCRIPTS.items()}
-force, steps, settings, nproc = False, list(SCRIPTS), {}, 1
+force, steps, settings, nproc, interpret_cells, max_delta_lm = False, list(SCRIPTS), {}, 1, "best", sweep.MAX_DELTA_LM
 if any(a in ("-h", "--help") for a in sys.argv[1:]):
     print(__doc__)
     sys.exit(0)
@@ -60,6 +72,17 @@ for name, raw, where in command:
         if unknown or not steps:
             fail(f"{where} names unknown steps {unknown}; choose from {', '.join(SCRIPTS)}")
         continue
+    if name.lower() == "interpret_cells":
+        if raw not in ("best", "all"):
+            fail(f"{where}: interpret_cells must be best (the sweep's best cell) or all (every cell)")
+        interpret_cells = raw
+        continue
+    if name.lower() == "max_delta_lm":
+        try:
+            max_delta_lm = float(raw)
+        except ValueError:
+            fail(f"{where}: max_delta_lm must be a number of percent, such as 10")
+        continue
     name = name.upper().replace("-", "_")
     if name in SET_BY_PIPELINE:
         fail(f"{name} (in {where}) is set by the pipeline from the previous step's output; run the script on "
@@ -68,27 +91,48 @@ for name, raw, where in command:
     if not owners:
         valid = sorted({k.lower() for ks in knobs.values() for k in ks} - {k.lower() for k in SET_BY_PIPELINE})
         fail(f"unknown setting {name.lower()} (in {where}): no script has it; valid settings are: {', '.join(valid)}")
-    settings[name] = (raw, owners)
+    settings[name] = (raw, owners, where)
 
-# ---- each script's resolved settings, and the paths between steps
+# ---- the swept settings (LAYER_IDX, M, K: an int, or a list for a sweep), and the others for every script
+swept = {}
+for name in sweep.SWEPT:
+    raw, owners, where = settings.pop(name, (None, None, name))
+    value = knobs["train" if name != "LAYER_IDX" else "extract"][name] if raw is None else parse_value(raw, 0)
+    try:
+        swept[name] = (sweep.parse_list(name, value, where), isinstance(value, list))
+    except ValueError as e:
+        fail(str(e))
+is_sweep = any(listed for _, listed in swept.values())
+layers_listed = swept["LAYER_IDX"][1]
+cells = [sweep.Cell(L, m, k) for L in swept["LAYER_IDX"][0] for m in swept["M"][0] for k in swept["K"][0]]
 config = {step: dict(knobs[step]) for step in SCRIPTS}
 args = {step: [] for step in SCRIPTS}
-for name, (raw, owners) in settings.items():
+for name, (raw, owners, _) in settings.items():
     for step in owners:
         config[step][name] = parse_value(raw, knobs[step][name])
         args[step].append(f"--{name}={raw}")  # upper case: torchrun's parser would claim e.g. --m
-layer = config["extract"]["LAYER_IDX"]
-if not isinstance(layer, int):
-    fail(f"--layer_idx={layer} must be one layer for the pipeline; extract several with extract_activations.py")
 dataset = config["extract"]["DATASET_PATH"]
-acts_path = activations_path(config["extract"]["OUTPUT_DIR"], layer)
-ckpt_path = checkpoint_path(config["train"]["RUN_NAME"], config["train"]["M"], config["train"]["K"])
-for step, explicit in (("train", {"ACTIVATIONS_PATH": acts_path}),
-                       ("interpret", {"ACTIVATIONS_PATH": acts_path, "SAE_CHECKPOINT": ckpt_path,
-                                      "DATASET_PATH": dataset})):
-    for name, value in explicit.items():
-        config[step][name] = value
-        args[step].append(f"--{name}={value}")
+
+
+def with_settings(step: str, values: dict) -> tuple[dict, list[str]]:
+    """The step's config and arguments with these settings too (later arguments win in the scripts)."""
+    return {**config[step], **values}, args[step] + [f"--{k}={v}".replace(" ", "") for k, v in values.items()]
+
+
+def acts_of(layer: int) -> str:
+    return activations_path(config["extract"]["OUTPUT_DIR"], layer)
+
+
+def cell_settings(cell) -> dict:
+    """A cell's settings for training and interpretation: its M, K, activations, and a run name that holds
+    the layer when layers are swept (checkpoints/{RUN_NAME}_layer{L}/SAE_M={M}_K={K}.pt)."""
+    run = config["train"]["RUN_NAME"] + (f"_layer{cell.layer}" if layers_listed else "")
+    return {"M": cell.m, "K": cell.k, "RUN_NAME": run, "ACTIVATIONS_PATH": acts_of(cell.layer)}
+
+
+def ckpt_of(cell) -> str:
+    s = cell_settings(cell)
+    return checkpoint_path(s["RUN_NAME"], s["M"], s["K"])
 
 
 def readable(read, path):
@@ -103,7 +147,7 @@ def readable(read, path):
 def up_to_date(outputs: list[str], wanted) -> str | None:
     """Why a step's outputs are current, or None when it must run: they all exist and the last one holds the
     record `wanted()` (called only then: it hashes the inputs) gives."""
-    if not all(os.path.isfile(p) for p in outputs):
+    if force or not all(os.path.isfile(p) for p in outputs):
         return None
     stored = readable(read_record, outputs[-1])
     if stored is None or differences(stored, wanted()):
@@ -111,49 +155,99 @@ def up_to_date(outputs: list[str], wanted) -> str | None:
     return f"{', '.join(outputs)} record{'s' if len(outputs) == 1 else ''} the same settings and inputs"
 
 
-llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
-               or os.environ.get("OPENAI_API_KEY"))
-csv, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
-outputs = {"extract": [acts_path], "train": [ckpt_path], "interpret": [csv, html, interpretation_record_path(html)]}
-wanted = {"extract": lambda: make_record("extract", config["extract"], {"dataset": sha256_file(dataset)}),
-          "train": lambda: make_record("train", config["train"], {"activations": sha256_file(acts_path)}, nproc),
-          "interpret": lambda: make_record("interpret", config["interpret"],
-                                           interpretation_inputs(ckpt_path, dataset, llm_now))}
-inputs = {"extract": [dataset], "train": [acts_path], "interpret": [ckpt_path, dataset]}
-
-
-# ---- the steps, in order
-t_total = time.time()
-for n, step in enumerate(SCRIPTS, 1):
-    if step not in steps:
-        continue
-    # one process per GPU or CPU share for the steps that split their work
-    command = [*launcher(sys.executable, nproc if step in ("extract", "train") else 1), os.path.join(ROOT, SCRIPTS[step]),
-               *args[step]]
-    print(f"\n==== step {n}/3: {step} ({' '.join(command[1:]).replace(ROOT + os.sep, '')})", flush=True)
-    current = not force and all(os.path.isfile(p) for p in inputs[step])  # else the step says what is missing
-    reason = up_to_date(outputs[step], wanted[step]) if current else None
-    if reason:
-        print(f"up to date, skipped: {reason}")
-        continue
+def run_step(n: int, step: str, step_args: list[str], what: str = ""):
+    """Run one script (under torchrun for the steps that split their work) and stop the pipeline if it fails."""
+    command = [*launcher(sys.executable, nproc if step in ("extract", "train") else 1),
+               os.path.join(ROOT, SCRIPTS[step]), *step_args]
+    print(f"\n==== step {n}/3: {step}{what} ({' '.join(command[1:]).replace(ROOT + os.sep, '')})", flush=True)
     t0 = time.time()
     code = subprocess.run(command).returncode
     if code != 0:
         fail(f"step '{step}' ({SCRIPTS[step]}) failed with exit code {code}; see its message above", code)
-    print(f"==== {step} done in {time.time() - t0:.1f}s", flush=True)
+    print(f"==== {step}{what} done in {time.time() - t0:.1f}s", flush=True)
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, its tensors memory-mapped: the pipeline reads only its metrics."""
+    import torch  # here only: the steps run in their own processes, the pipeline needs torch for this alone
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+t_total = time.time()
+sha = functools.cache(sha256_file)  # each input hashed once (only after the step that writes it)
+llm_now = bool(config["interpret"]["OPENAI_BASE_URL"] or os.environ.get("OPENAI_BASE_URL")
+               or os.environ.get("OPENAI_API_KEY"))
+csv_path, html = config["interpret"]["OUTPUT_CSV"], config["interpret"]["REPORT_HTML"]
+sweep_csv = os.path.join(os.path.dirname(csv_path), "sweep.csv") if is_sweep else None
+
+# ---- step 1: extraction, once for every layer whose file is missing or stale (one forward pass for all)
+if "extract" in steps:
+    stale = [L for L in swept["LAYER_IDX"][0] if not os.path.isfile(dataset) or not up_to_date(
+        [acts_of(L)], lambda L=L: extraction_record(config["extract"], L, sha(dataset)))]
+    if stale:
+        _, step_args = with_settings("extract", {"LAYER_IDX": stale if layers_listed else stale[0]})
+        run_step(1, "extract", step_args)
+    else:
+        print(f"\n==== step 1/3: extract\nup to date, skipped: {', '.join(map(acts_of, swept['LAYER_IDX'][0]))} "
+              f"record the same settings and inputs")
+
+# ---- step 2: training, once per cell
+for i, cell in enumerate(cells if "train" in steps else []):
+    what = f" {cell.name} ({i + 1}/{len(cells)})" if is_sweep else ""
+    cfg, step_args = with_settings("train", cell_settings(cell))
+    if not os.path.isfile(cfg["ACTIVATIONS_PATH"]):
+        run_step(2, "train", step_args, what)  # the script says what is missing
+        continue
+    reason = up_to_date([ckpt_of(cell)], lambda: make_record("train", cfg, {"activations": sha(cfg["ACTIVATIONS_PATH"])},
+                                                              nproc))
+    if reason:
+        print(f"\n==== step 2/3: train{what}\nup to date, skipped: {reason}")
+    else:
+        run_step(2, "train", step_args, what)
+
+# ---- the sweep's comparison and its best cell
+best = cells[0]
+rows = []
+if is_sweep and steps != ["extract"]:
+    for cell in cells:
+        ckpt = readable(read_checkpoint, ckpt_of(cell)) if os.path.isfile(ckpt_of(cell)) else None
+        if not isinstance(ckpt, dict) or not ckpt.get("metrics"):
+            fail(f"{ckpt_of(cell)} (cell {cell.name}) is missing or unfinished; run the train step "
+                 f"(--steps=train or no --steps) to finish the sweep")
+        rows.append(sweep.row(cell, ckpt_of(cell), ckpt["metrics"]))
+    index, rule = sweep.choose(rows, max_delta_lm)
+    best = cells[index]
+    write_text_atomic(sweep_csv, sweep.to_csv(rows))
+    print(f"\n==== sweep: {len(cells)} cells compared in {sweep_csv}; best {best.name} by its rule: {rule}", flush=True)
+
+# ---- step 3: interpretation of the best cell, or of every cell
+for cell in ([best] + [c for c in cells if c != best] if interpret_cells == "all" else [best]) if "interpret" in steps else []:
+    outputs = {"OUTPUT_CSV": csv_path, "REPORT_HTML": html}
+    if cell != best:  # interpretations.csv and report.html are the best cell's; the others' names say their cell
+        outputs = {k: f"{os.path.splitext(v)[0]}_{cell.name}{os.path.splitext(v)[1]}" for k, v in outputs.items()}
+    cfg, step_args = with_settings("interpret", {**cell_settings(cell), "SAE_CHECKPOINT": ckpt_of(cell),
+                                                 "DATASET_PATH": dataset, **outputs, "SWEEP_CSV": sweep_csv})
+    what = f" {cell.name}" if is_sweep else ""
+    reason = None
+    if all(os.path.isfile(p) for p in (ckpt_of(cell), dataset)):  # else the script says what is missing
+        reason = up_to_date([outputs["OUTPUT_CSV"], outputs["REPORT_HTML"], interpretation_record_path(outputs["REPORT_HTML"])],
+                            lambda: make_record("interpret", cfg, interpretation_inputs(ckpt_of(cell), dataset, llm_now,
+                                                                                        sweep_csv)))
+    if reason:
+        print(f"\n==== step 3/3: interpret{what}\nup to date, skipped: {reason}")
+    else:
+        run_step(3, "interpret", step_args, what)
 
 # ---- summary
 print(f"\n==== summary (pipeline {time.time() - t_total:.1f}s)")
+if rows:
+    print(f"sweep         {sweep_csv}: {len(rows)} cells (* = best, {best.name}; see the verdict column for why)")
+    print("\n".join(sweep.console_table(rows)))
+acts_path, ckpt_path, csv = acts_of(best.layer), ckpt_of(best), csv_path
 
 
 def size(path):
     return f"{os.path.getsize(path) / 2**20:.1f} MiB" if os.path.isfile(path) else "missing"
-
-
-def read_checkpoint(path):
-    """The checkpoint dict, its tensors memory-mapped: the summary reads only its metrics."""
-    import torch  # here only: the steps run in their own processes, the pipeline needs torch for this alone
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def read_json(path):

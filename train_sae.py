@@ -281,7 +281,7 @@ metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse"
            "never_fired_ratio": final["never_fired_ratio"], "left_out": left, "best_val_loss": best_loss,
            "epochs": len(history), "train_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
            "train_seconds": elapsed, "val_nmse_content": final["content"].get("nmse"), "content": final["content"],
-           "by_token_kind": final["by_token_kind"]}
+           "by_token_kind": final["by_token_kind"], "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device)}
 content_nmse = metrics["val_nmse_content"]
 print(f"Val MSE: {final['mse']:.6g} (normalized: {final['nmse']:.4f}; on content tokens: "
       f"{'n/a' if content_nmse is None else f'{content_nmse:.4f}'})")

@@ -56,9 +56,20 @@ def differences(stored: dict | None, wanted: dict, continuing: bool = False) -> 
     return found
 
 
-def interpretation_inputs(checkpoint: str, dataset: str, llm: bool) -> dict:
-    """The interpretation's inputs: the checkpoint, the dataset, and whether an LLM describes the features."""
-    return {"checkpoint": sha256_file(checkpoint), "dataset": sha256_file(dataset), "llm": "on" if llm else "off"}
+def extraction_record(config: dict, layer: int, dataset_sha256: str) -> dict:
+    """The record of one activations file: the extraction's settings with LAYER_IDX set to the file's own layer,
+    so that a file is current whichever list of layers it was extracted with (a sweep adds layers without
+    re-extracting the others)."""
+    return make_record("extract", {**config, "LAYER_IDX": layer}, {"dataset": dataset_sha256})
+
+
+def interpretation_inputs(checkpoint: str, dataset: str, llm: bool, sweep_csv: str | None = None) -> dict:
+    """The interpretation's inputs: the checkpoint, the dataset, whether an LLM describes the features, and the
+    sweep's table when the report shows one."""
+    inputs = {"checkpoint": sha256_file(checkpoint), "dataset": sha256_file(dataset), "llm": "on" if llm else "off"}
+    if sweep_csv:
+        inputs["sweep"] = sha256_file(sweep_csv)
+    return inputs
 
 
 def interpretation_record_path(report_html: str) -> str:

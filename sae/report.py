@@ -4,6 +4,8 @@ import json
 
 import numpy as np
 
+from .sweep import COLUMNS as SWEEP_COLUMNS, value_text
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1,h2{font-weight:600}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 6px}
 .card{border:1px solid #ccc;border-radius:6px;padding:10px 14px;margin:12px 0}
@@ -17,31 +19,43 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
-def line_plot(series: dict, width=520, height=220, ylabel="", floor=None, min_top=None) -> str:
-    """SVG line plot of {name: [values per epoch]}; the y axis from `floor` (else the lowest value) to the
-    highest value, at least `min_top`."""
-    series = {k: [v for v in vs] for k, vs in series.items() if vs}
-    if not series:
-        return "<p class=muted>no data</p>"
+def line_plot(series: dict, width=520, height=220, ylabel="", floor=None, min_top=None, x_labels=None) -> str:
+    """SVG line plot of {name: [values]}: one value per epoch, or per entry of `x_labels` (ticks named, None
+    for a missing value); the y axis from `floor` (else the lowest value) to the highest value, at least `min_top`."""
+    series = {k: [np.nan if v is None else v for v in vs] for k, vs in series.items() if vs}
     values = np.array([v for vs in series.values() for v in vs], dtype=float)
+    if not series or np.isnan(values).all():
+        return "<p class=muted>no data</p>"
     lo = float(np.nanmin(values)) if floor is None else floor
     hi = max(float(np.nanmax(values)), lo if min_top is None else min_top)
     hi = hi if hi > lo else lo + 1
-    n = max(len(vs) for vs in series.values())
+    n = len(x_labels) if x_labels is not None else max(len(vs) for vs in series.values())
     left, bottom, top, right = 50, 30, 10, 110
     w, h = width - left - right, height - top - bottom
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+
+    def x(j):
+        return left + (j / max(n - 1, 1)) * w
+
+    def y(v):
+        return top + h - (v - lo) / (hi - lo) * h
+
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    caption = f"epoch (1–{n}) {ylabel}" if x_labels is None else ylabel
     parts = [f'<svg width="{width}" height="{height}" role="img">',
              f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#999"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" stroke="#999"/>',
              f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{hi:.3g}</text>',
              f'<text x="{left - 4}" y="{top + h}" text-anchor="end">{lo:.3g}</text>',
-             f'<text x="{left + w / 2}" y="{height - 4}" text-anchor="middle">epoch (1–{n}) {_esc(ylabel)}</text>']
+             f'<text x="{left + w / 2}" y="{height - 4}" text-anchor="middle">{_esc(caption)}</text>']
+    if x_labels is not None:
+        parts += [f'<text x="{x(j):.1f}" y="{top + h + 12}" text-anchor="middle">{_esc(t)}</text>'
+                  for j, t in enumerate(x_labels)]
     for i, (name, vs) in enumerate(series.items()):
-        pts = " ".join(f"{left + (j / max(n - 1, 1)) * w:.1f},{top + h - (v - lo) / (hi - lo) * h:.1f}"
-                       for j, v in enumerate(vs))
         c = colors[i % len(colors)]
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{pts}"/>')
+        pts = [(x(j), y(v)) for j, v in enumerate(vs) if not np.isnan(v)]
+        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" '
+                     f'points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}"/>')
+        parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>' for a, b in pts] if x_labels is not None else []
         parts.append(f'<text x="{left + w + 8}" y="{top + 14 + 16 * i}" fill="{c}">{_esc(name)}</text>')
     return "".join(parts) + "</svg>"
 
@@ -142,9 +156,10 @@ def feature_table(rows, width: int = 140) -> list[str]:
 
 def render_report(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
                   auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
-                  template_rows: list[dict] = (), label_note: str | None = None) -> str:
+                  template_rows: list[dict] = (), label_note: str | None = None, sweep_rows: list[dict] = ()) -> str:
     """The self-contained report.html: training curves, metrics, the SAE in the model, reconstruction by token
-    kind, labels, prevalence, label association, the selected features' cards and the template features."""
+    kind, labels, the sweep this SAE was chosen from, prevalence, label association, the selected features'
+    cards and the template features."""
     hist = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss")}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
@@ -157,6 +172,7 @@ def render_report(title: str, config: dict, metrics: dict, history: list, preval
               for label, value, meaning in metric_rows(metrics)]
     parts.append("</table>")
     parts += _lm_section(metrics.get("lm_eval") or {}) + _kinds_section(metrics) + _labels_section(metrics, label_note)
+    parts += _sweep_section(sweep_rows)
     parts += ["<h2>Feature prevalence</h2>",
               histogram(prevalence, xlabel="share of examples where the feature fires")]
     if auroc_LM is not None and len(label_names):
@@ -217,6 +233,36 @@ def _labels_section(metrics: dict, label_note: str | None) -> list[str]:
                      f"{100 * lab['probe_sae_accuracy']:.1f}%, mean-pooled raw activations "
                      f"{100 * lab['probe_raw_accuracy']:.1f}% (most common label: {100 * lab['probe_chance']:.1f}%).</p>")
     return parts
+
+
+def _sweep_section(rows: list[dict]) -> list[str]:
+    """The sweep's table (best row in bold) and one plot per metric over the layers, one line per (M, K)."""
+    if not rows:
+        return []
+    best = next((r for r in rows if r["best"]), rows[0])
+    layers = sorted({r["layer"] for r in rows})
+    ks = {r["K"] for r in rows}
+    sizes = sorted({(r["M"], r["K"]) for r in rows})
+    parts = [f"<h2>Sweep ({len(rows)} cells)</h2><p>This SAE is the best of the sweep by its rule: "
+             f"{_esc(best['verdict'].removeprefix('best: '))}.</p><table><tr>"]
+    parts += [f"<th title='{_esc(meaning)}'>{_esc(head)}</th>" for _, head, _, meaning in SWEEP_COLUMNS] + ["<th>verdict</th></tr>"]
+    for r in rows:
+        cells = [value_text(fmt, r[c]) for c, _, fmt, _ in SWEEP_COLUMNS]
+        style = " style='font-weight:600;background:#fff8d6'" if r["best"] else ""
+        parts.append(f"<tr{style}>" + "".join(f"<td>{_esc(x)}</td>" for x in cells) + f"<td>{_esc(r['verdict'])}</td></tr>")
+    parts.append("</table><p class=muted>Hover a column's name for its meaning. Each plot: the metric over the "
+                 "layers, one line per dictionary size.</p><div style='display:flex;flex-wrap:wrap;gap:8px'>")
+    for column, head, _, meaning in SWEEP_COLUMNS[3:]:
+        series = {(f"M={m}" if len(ks) == 1 else f"M={m} K={k}"): [
+            next((r[column] for r in rows if (r["layer"], r["M"], r["K"]) == (L, m, k)), None) for L in layers]
+            for m, k in sizes}
+        if column == "probe_sae_pct":  # the raw-activation probe depends on the layer alone: one more line
+            series["raw"] = [next((r["probe_raw_pct"] for r in rows if r["layer"] == L), None) for L in layers]
+        elif column == "probe_raw_pct":
+            continue
+        parts.append(f"<div><b>{_esc(head)}</b> <span class=muted>{_esc(meaning)}</span><br>"
+                     + line_plot(series, width=400, height=200, ylabel="layer", x_labels=layers) + "</div>")
+    return parts + ["</div>"]
 
 
 def _card(c: dict) -> str:

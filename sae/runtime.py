@@ -62,3 +62,8 @@ def keep_training_memory_bounded():
 def eval_chunk_tokens(device: torch.device, d: int) -> int:
     """Tokens per evaluation chunk: on a CPU small enough for the heap under training's mmap threshold."""
     return 1 << 13 if device.type == "cuda" else max(64, TRAINING_MMAP_THRESHOLD // 2 // (4 * d))
+
+
+def peak_gpu_memory(device: torch.device) -> int | None:
+    """Bytes of GPU memory PyTorch held at most so far in this process on `device` (None on a CPU)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

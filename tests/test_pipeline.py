@@ -78,3 +78,49 @@ def test_corrupt_outputs_are_redone_not_a_traceback(tiny_model, tmp_path):
     assert "==== extract done" in proc.stdout and "==== train done" in proc.stdout
     assert "==== interpret done" in proc.stdout
 
+
+
+def test_sweep_trains_each_cell_once_and_compares_them(tiny_model, tmp_path):
+    dataset = write_jsonl(tmp_path / "data.jsonl", tiny_records(40))
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    args = [f"--model_name={tiny_model}", f"--dataset_path={dataset}", f"--output_dir={tmp_path / 'acts'}",
+            "--layer_idx=[1,2]", "--k=4", "--n_epochs=2", "--batch_size=64", "--run_name=t",
+            "--n_top_neurons=3", "--n_examples=2", "--eval_max_examples=4"]
+    first = run_script("run_pipeline.py", *args, "--m=[16,32]", cwd=tmp_path, env=env)
+    assert first.stdout.count("==== extract done") == 1, "one forward pass for both layers"
+    assert first.stdout.count("==== train layer") == 4 and first.stdout.count("==== interpret layer") == 1  # done lines
+    for layer in (1, 2):
+        for m in (16, 32):
+            ckpt = torch.load(tmp_path / "checkpoints" / f"t_layer{layer}" / f"SAE_M={m}_K=4.pt", weights_only=True)
+            assert ckpt["config"]["ACTIVATIONS_PATH"].endswith(f"activations_layer{layer}.npz") and ckpt["config"]["M"] == m
+    table = pd.read_csv(tmp_path / "sweep.csv")
+    assert sorted(zip(table.layer, table.M)) == [(1, 16), (1, 32), (2, 16), (2, 32)]
+    assert table.drop(columns="verdict").notna().all().all(), "every metric measured in every cell"
+    assert table.best.sum() == 1 and table.verdict[table.best].str.startswith("best: the most labels covered").all()
+    best = table[table.best].iloc[0]
+    assert read_record(str(tmp_path / "report.json"))["config"]["SAE_CHECKPOINT"] == best.checkpoint
+    report = (tmp_path / "report.html").read_text()
+    assert "<h2>Sweep (4 cells)</h2>" in report and report.count("<svg") >= 2 + 11, "a plot per metric"
+    summary = first.stdout[first.stdout.index("==== summary"):]
+    assert "sweep.csv: 4 cells" in summary and sum(line.startswith("* ") for line in summary.splitlines()) == 1
+
+    # one more size: only its cells train; extraction is current; every cell interpreted when asked
+    second = run_script("run_pipeline.py", *args, "--m=[16,32,8]", "--interpret_cells=all", cwd=tmp_path, env=env)
+    assert "==== extract done" not in second.stdout and second.stdout.count("==== train layer") == 2
+    assert second.stdout.count("up to date, skipped") == 1 + 4
+    assert "train layer1_M8_K4 (3/6) done" in second.stdout and "train layer2_M8_K4 (6/6) done" in second.stdout
+    assert len(pd.read_csv(tmp_path / "sweep.csv")) == 6
+    assert len(list(tmp_path.glob("report_layer*_M*_K4.html"))) == 5 and (tmp_path / "report.html").exists()
+
+    # one more layer: extraction runs for it alone (each file records its own layer)
+    third = run_script("run_pipeline.py", *args, "--layer_idx=[1,2,3]", "--m=[16,32,8]", "--steps=extract", cwd=tmp_path, env=env)
+    assert "--LAYER_IDX=[3]" in third.stdout and "==== extract done" in third.stdout
+
+
+def test_sweep_settings_are_checked(tmp_path):
+    proc = run_script("run_pipeline.py", "--m=[16,0]", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--m=[16,0]: m must be an int >= 1 or a list of them" in proc.stderr
+    proc = run_script("run_pipeline.py", "--layer_idx=[3,3]", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--layer_idx=[3,3] lists a value twice" in proc.stderr
+    proc = run_script("run_pipeline.py", "--interpret_cells=some", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "interpret_cells must be best" in proc.stderr
