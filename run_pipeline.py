@@ -116,7 +116,7 @@ dataset = config["extract"]["DATASET_PATH"]
 
 def with_settings(step: str, values: dict) -> tuple[dict, list[str]]:
     """The step's config and arguments with these settings too (later arguments win in the scripts)."""
-    return {**config[step], **values}, args[step] + [f"--{k}={v}".replace(" ", "") for k, v in values.items()]
+    return {**config[step], **values}, args[step] + [f"--{k}={v}" for k, v in values.items()]
 
 
 def acts_of(layer: int) -> str:
@@ -226,7 +226,8 @@ for cell in ([best] + [c for c in cells if c != best] if interpret_cells == "all
     if cell != best:  # interpretations.csv and report.html are the best cell's; the others' names say their cell
         outputs = {k: f"{os.path.splitext(v)[0]}_{cell.name}{os.path.splitext(v)[1]}" for k, v in outputs.items()}
     cfg, step_args = with_settings("interpret", {**cell_settings(cell), "SAE_CHECKPOINT": ckpt_of(cell),
-                                                 "DATASET_PATH": dataset, **outputs, "SWEEP_CSV": sweep_csv})
+                                                 "DATASET_PATH": dataset, **outputs,
+                                                 **({"SWEEP_CSV": sweep_csv} if is_sweep else {})})
     what = f" {cell.name}" if is_sweep else ""
     reason = None
     if all(os.path.isfile(p) for p in (ckpt_of(cell), dataset)):  # else the script says what is missing

@@ -158,17 +158,19 @@ def training_file(path: str, n_tokens: int, d: int, rng) -> str:
     atoms = rng.normal(size=(8 * d, d)).astype(np.float32)
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
     writer = StreamingNpzWriter(path, (n_tokens, d), np.float16)
-    for s in range(0, n_tokens, 65536):
-        b = min(65536, n_tokens - s)
-        idx = rng.integers(0, len(atoms), size=(b, 16))
-        rows = np.einsum("bk,bkd->bd", rng.exponential(1.0, size=(b, 16)).astype(np.float32), atoms[idx])
-        writer.append(rows + 0.05 * rng.normal(size=(b, d)).astype(np.float32))
+    for s in range(0, n_tokens, 8192):
+        b = min(8192, n_tokens - s)
+        rows = 0.05 * rng.normal(size=(b, d)).astype(np.float32)
+        for _ in range(16):  # 16 active atoms per token, added one at a time: memory stays (b, d)
+            rows += rng.exponential(1.0, size=(b, 1)).astype(np.float32) * atoms[rng.integers(0, len(atoms), size=b)]
+        writer.append(rows)
     n_ex = len(offsets) - 1
     roles = np.full(n_tokens, 2, dtype=np.int8)
     roles[np.asarray(offsets[:-1])] = 0
     meta = {"model": "synthetic", "layer": 16, "hook": "blocks.16.hook_resid_post", "hidden_size": d, "n_examples": n_ex,
             "n_tokens": n_tokens, "dataset_path": "synthetic.jsonl", "dataset_sha256": "0" * 64, "max_length": 512}
-    writer.finish(np.asarray(offsets, dtype=np.int64), np.zeros(n_tokens, dtype=np.int64), roles, np.arange(n_ex), meta,
+    token_ids = rng.integers(1000, 40000, size=n_tokens)  # distinct texts: no position is a shared prefix
+    writer.finish(np.asarray(offsets, dtype=np.int64), token_ids, roles, np.arange(n_ex), meta,
                   np.array([f"l{i % 5}" for i in range(n_ex)]))
     return path
 

@@ -9,6 +9,7 @@ HypotheSAEs is installed with `pip install --no-deps hypothesaes` and its sae.py
 
     python bench/bench_train.py                       # default activations, 5 epochs
     python bench/bench_train.py --memory              # also peak RSS on the file and on one 4x larger
+    python bench/bench_train.py --loaded              # on a loaded machine: one busy loop per core beside both
 """
 import os
 import json
@@ -70,7 +71,21 @@ def run_ours_rate() -> float:
         return json.load(f)["train_tokens_per_s"]
 
 
+def busy_loops(n: int) -> list[subprocess.Popen]:
+    """n processes that each keep a core busy: the load of --loaded, on both sides alike."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main():
+    load = busy_loops(os.cpu_count() or 1) if "--loaded" in sys.argv else []
+    try:
+        compare()
+    finally:
+        for p in load:
+            p.kill()
+
+
+def compare():
     torch.manual_seed(SEED)
     acts = open_activations(ACTS)
     train_ids, val_ids = split_examples(acts.n_examples, acts.labels, 0.1, SEED)
@@ -96,7 +111,8 @@ def main():
 
     print(f"activations: {ACTS} ({len(x_train)} train / {len(x_val)} val tokens, split by example)")
     print(f"M={M} K={K} prefixes={PREFIXES} epochs={EPOCHS} batch={BATCH} lr={LR}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; machine: " + (
+              f"LOADED (one busy loop per core, {os.cpu_count()})" if "--loaded" in sys.argv else "no load added"))
     print(f"HypotheSAEs SparseAutoencoder.fit: {their_rate:.0f} tokens/s, val normalized MSE {their_nmse:.4f}")
     print(f"train_sae.py:                      {our_rate:.0f} tokens/s, val normalized MSE {our_nmse:.4f} at the "
           f"last epoch, {our_best_nmse:.4f} at the saved best (runs before and after: {our_rates[0]:.0f}, "
