@@ -39,3 +39,14 @@ def test_table_round_trips_through_csv(tmp_path):
     assert back == [{c: r.get(c) for c in sweep.CSV_COLUMNS} for r in rows]
     lines = sweep.console_table(back)
     assert len(lines) == 3 and lines[2].startswith("* ") and " n/a " in lines[1] and "+12.00" in lines[1]
+
+
+def test_a_foreign_csv_is_refused(tmp_path):
+    path = tmp_path / "sweep.csv"
+    path.write_text("layer,M\n6,128\n")
+    try:
+        sweep.read_csv(str(path))
+    except ValueError as e:
+        assert str(e) == "it has no column K"
+    else:
+        raise AssertionError("a CSV without the sweep's columns was read")
