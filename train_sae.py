@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import sys
 import time
 
 from sae.config import answer_help
@@ -268,8 +269,10 @@ if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
     print(f"All {world} processes hold the same weights, threshold and dead-feature counters")
     dist.barrier()
     dist.finish()
-    if rank > 0:
-        raise SystemExit(0)
+    if rank > 0:  # done: leave at once, since a normal interpreter exit here once aborted in C++ teardown
+        sys.stdout.flush()  # ("terminate called without an active exception"); this rank holds no lock or file
+        sys.stderr.flush()
+        os._exit(0)
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
