@@ -26,11 +26,13 @@ def peak_mib(script: str, *args, cwd) -> float:
 
 
 def assert_bounded(peaks: dict, sizes: dict):
-    """The extra file is at least 60 MiB; the peak may grow by a quarter of it at most (per-token indices,
-    allocator noise), so a step that read the file, or a layer of it, whole would fail."""
+    """The extra file is at least 60 MiB; the peak may grow by half of it at most, so a step that read the file,
+    or a layer of it, whole (at least the extra file's size, twice that in float32) would fail. What does grow
+    is per example or per token and small: per-example feature maxima and mean activations for the label
+    metrics, token indices (34 MiB in one run for training's 4x file: 641 instead of 157 examples)."""
     growth, extra = peaks["4x"] - peaks["1x"], (sizes["4x"] - sizes["1x"]) / 2**20
     assert extra >= 60, extra
-    assert growth < extra / 4, f"peak memory grew {growth:.0f} MiB for {extra:.0f} MiB more activations: {peaks}"
+    assert growth < extra / 2, f"peak memory grew {growth:.0f} MiB for {extra:.0f} MiB more activations: {peaks}"
 
 
 def test_training_memory_does_not_grow_with_the_file(tmp_path):
