@@ -221,7 +221,8 @@ if is_sweep and steps != ["extract"]:
     print(f"\n==== sweep: {len(cells)} cells compared in {sweep_csv}; best {best.name} by its rule: {rule}", flush=True)
 
 # ---- step 3: interpretation of the best cell, or of every cell
-for cell in ([best] + [c for c in cells if c != best] if interpret_cells == "all" else [best]) if "interpret" in steps else []:
+to_interpret = [best] + ([c for c in cells if c != best] if interpret_cells == "all" else [])
+for cell in to_interpret if "interpret" in steps else []:
     outputs = {"OUTPUT_CSV": csv_path, "REPORT_HTML": html}
     if cell != best:  # interpretations.csv and report.html are the best cell's; the others' names say their cell
         outputs = {k: f"{os.path.splitext(v)[0]}_{cell.name}{os.path.splitext(v)[1]}" for k, v in outputs.items()}
@@ -244,7 +245,7 @@ print(f"\n==== summary (pipeline {time.time() - t_total:.1f}s)")
 if rows:
     print(f"sweep         {sweep_csv}: {len(rows)} cells (* = best, {best.name}; see the verdict column for why)")
     print("\n".join(sweep.console_table(rows)))
-acts_path, ckpt_path, csv = acts_of(best.layer), ckpt_of(best), csv_path
+acts_path, ckpt_path = acts_of(best.layer), ckpt_of(best)
 
 
 def size(path):
@@ -276,9 +277,9 @@ if isinstance(ckpt, dict):
                   f"{100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
 if os.path.isfile(interpretation_record_path(html)):
     record = readable(read_json, interpretation_record_path(html)) or {}
-    print(f"interpretation {csv} ({size(csv)}), {html} ({size(html)}): {record.get('n_described', 0)} of "
+    print(f"interpretation {csv_path} ({size(csv_path)}), {html} ({size(html)}): {record.get('n_described', 0)} of "
           f"{record.get('n_selected', 0)} selected features described by an LLM")
-    table = readable(pd.read_csv, csv) if os.path.isfile(csv) else None
+    table = readable(pd.read_csv, csv_path) if os.path.isfile(csv_path) else None
     if table is not None and {"neuron_idx", "prevalence", "interpretation"} <= set(table.columns):
         print(f"\nSelected features ({len(table)}; share of examples active; description):")
         print("\n".join(feature_table(zip(table.neuron_idx, table.prevalence, table.interpretation.astype(str)))))

@@ -328,7 +328,6 @@ if EVAL_LM:
         chosen = np.sort(np.random.default_rng(SEED).permutation(val_ids)[:EVAL_MAX_EXAMPLES])
         examples = [(np.asarray(acts.token_ids[acts.offsets[i]:acts.offsets[i + 1]]),
                      selection.example_mask(acts, i)) for i in chosen]
-        sae.eval()
         t0 = time.time()
         lm_metrics = lm_eval.evaluate_lm(language_model, examples, acts.meta["layer"], lambda h: sae(h), mean_activation_D,
                                     EVAL_BATCH_TOKENS, progress=not QUIET)

@@ -35,7 +35,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sae import chat, lm  # noqa: E402
+from sae import chat, lm, runtime  # noqa: E402
 from sae.activations import StreamingNpzWriter, open_activations  # noqa: E402
 from sae.files import activations_path, extract_metrics_path  # noqa: E402
 from sae.model import SparseAutoencoder, default_prefixes  # noqa: E402
@@ -94,10 +94,6 @@ def peak_reset(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak(device):
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-
-
 def run(script: str, *args, cwd: str) -> None:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--quiet=True", *args], capture_output=True,
                           text=True, cwd=cwd, env=dict(os.environ, TQDM_DISABLE="1"))
@@ -136,7 +132,7 @@ def extraction(folder, dataset, layers, batch_tokens, work, device, dtype) -> di
             n_tokens += len(ids)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    reference = {"tokens": n_tokens, "tokens_per_s": n_tokens / (time.time() - t0), "peak_gpu_memory_bytes": peak(device)}
+    reference = {"tokens": n_tokens, "tokens_per_s": n_tokens / (time.time() - t0), "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device)}
     del model, stored
     shutil.rmtree(out)
     if device.type == "cuda":
@@ -244,7 +240,7 @@ def training(path: str, shape: dict, work: str, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     out["HypotheSAEs"] = {"tokens_per_s": split / (time.time() - t0), "tokens": split,
-                          "peak_gpu_memory_bytes": peak(device), "variant": "Matryoshka"}
+                          "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device), "variant": "Matryoshka"}
     return out
 
 
