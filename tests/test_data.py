@@ -51,6 +51,6 @@ def test_extraction_reads_a_csv_dataset(tiny_model, tmp_path):
     for name in ("d.jsonl", "d.csv"):
         run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={tmp_path / name}",
                    f"--output_dir={tmp_path / name}_acts", "--layer_idx=1", cwd=tmp_path)
-    a, b = (np.load(tmp_path / f"{n}_acts" / "activations_layer1.npz") for n in ("d.jsonl", "d.csv"))
+    a, b = (np.load(tmp_path / f"{n}_acts" / "activations_layer1.npz", allow_pickle=False) for n in ("d.jsonl", "d.csv"))
     for key in ("token_ids", "token_role", "offsets", "example_index", "labels"):
         assert np.array_equal(a[key], b[key]), key

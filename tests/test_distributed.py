@@ -21,8 +21,8 @@ def test_two_process_extraction_equals_one_and_training_works(tiny_model, tmp_pa
     assert sorted(os.listdir(tmp_path / "two")) == ["activations_layer1.npz", "activations_layer2.npz",
                                                     "extract_metrics.json"]
     for layer in (1, 2):
-        a = np.load(tmp_path / "one" / f"activations_layer{layer}.npz")
-        b = np.load(tmp_path / "two" / f"activations_layer{layer}.npz")
+        a = np.load(tmp_path / "one" / f"activations_layer{layer}.npz", allow_pickle=False)
+        b = np.load(tmp_path / "two" / f"activations_layer{layer}.npz", allow_pickle=False)
         for key in ("offsets", "token_ids", "token_role", "example_index", "labels"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         np.testing.assert_allclose(a["activations"].astype(np.float32), b["activations"].astype(np.float32),
@@ -39,7 +39,7 @@ def test_two_process_extraction_equals_one_and_training_works(tiny_model, tmp_pa
     losses = [h["train_loss"] for h in ckpt["history"]]
     assert losses[-1] < losses[0] and ckpt["provenance"]["processes"] == 2
     sae, _ = load_checkpoint(str(path))
-    x = torch.from_numpy(np.load(acts)["activations"][1:50].astype(np.float32))
+    x = torch.from_numpy(np.load(acts, allow_pickle=False)["activations"][1:50].astype(np.float32))
     with torch.no_grad():
         assert sae(x).shape == x.shape and ((sae.encode(x) > 0).sum(1) == 4).all()
 

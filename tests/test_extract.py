@@ -145,8 +145,8 @@ def test_resume_after_kill_equals_clean_run(tiny_model, tmp_path):
     resumed = _extract(tiny_model, dataset, out, "--batch_tokens=64")
     assert "Resuming after example" in resumed.stdout
     for layer in (1, 2):
-        a = np.load(tmp_path / "clean" / f"activations_layer{layer}.npz")
-        b = np.load(out / f"activations_layer{layer}.npz")
+        a = np.load(tmp_path / "clean" / f"activations_layer{layer}.npz", allow_pickle=False)
+        b = np.load(out / f"activations_layer{layer}.npz", allow_pickle=False)
         for key in a.files:
             if key != "meta":
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -171,7 +171,7 @@ def test_full_disk_leaves_no_finished_file_then_resumes_to_the_clean_result(tiny
     assert "Resuming after example" in resumed.stdout, "windows written before the disk filled are kept"
     _extract(tiny_model, tiny_dataset, tmp_path / "clean", *args)
     for layer in (1, 2):
-        a, b = np.load(out / f"activations_layer{layer}.npz"), np.load(tmp_path / "clean" / f"activations_layer{layer}.npz")
+        a, b = np.load(out / f"activations_layer{layer}.npz", allow_pickle=False), np.load(tmp_path / "clean" / f"activations_layer{layer}.npz", allow_pickle=False)
         for key in ("activations", "offsets", "token_ids", "token_role", "example_index"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
@@ -237,7 +237,7 @@ def test_stored_rows_equal_an_independent_hidden_states_forward(tiny_model, tiny
     run_script("extract_activations.py", f"--model_name={tiny_model}", f"--dataset_path={tiny_dataset}",
                f"--output_dir={out}", "--layer_idx=[0, 2]", f"--chat_template={chat_template}", "--batch_tokens=300",
                cwd=tmp_path)
-    files = {L: np.load(out / f"activations_layer{L}.npz") for L in (0, 2)}
+    files = {L: np.load(out / f"activations_layer{L}.npz", allow_pickle=False) for L in (0, 2)}
     offsets = files[0]["offsets"]
     for i, r in enumerate(tiny_records()):
         messages = r.get("messages") or [{"role": "user", "content": r["text"]}]
@@ -270,7 +270,7 @@ def test_activations_that_overflow_float16_are_named_with_the_fix(tiny_model, ti
     assert proc.returncode == 2 and "overflow float16; use --store_dtype=float32" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "a" / "activations_layer0.npz").exists()
     run_script("extract_activations.py", *args, f"--output_dir={tmp_path / 'b'}", "--store_dtype=float32", cwd=tmp_path)
-    assert np.abs(np.load(tmp_path / "b" / "activations_layer0.npz")["activations"]).max() > 65504
+    assert np.abs(np.load(tmp_path / "b" / "activations_layer0.npz", allow_pickle=False)["activations"]).max() > 65504
 
 
 def test_sliding_window_models_skip_the_prefix_cache(loaded, monkeypatch):
