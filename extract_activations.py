@@ -15,6 +15,7 @@ the results equal one-at-a-time processing. The output of each requested decoder
 Killed or out of disk? Run the same command again: it resumes where it stopped.
 """
 import json
+import math
 import os
 import time
 
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from sae import chat, dist, forward, lm, runtime
-from sae.activations import StreamingNpzWriter, examples_between, open_activations
+from sae.activations import ResumeMismatch, StreamingNpzWriter, examples_between, open_activations
 from sae.config import configure, fail
 from sae.files import (NO_SPACE, Busy, activations_path, extract_metrics_path, lock_output, share_path, unwritable,
                        write_text_atomic)
@@ -150,7 +151,7 @@ except Busy as e:
     fail(str(e))
 record = make_record("extract", config, {"dataset": dataset_sha256})  # of this run (resuming); each file has its own
 work = {"n_tokens": n_tokens, "layers": layers, "share": [first, last], "format": 1}  # this process's part of it
-store_dtype = np.dtype(STORE_DTYPE)
+store_dtype, store_torch_dtype = np.dtype(STORE_DTYPE), getattr(torch, STORE_DTYPE)
 meta = {L: {"model": MODEL_NAME, "model_source": location.source, "n_layers": n_blocks, "hidden_size": d_model,
             "dtype": str(dtype).replace("torch.", ""), "store_dtype": STORE_DTYPE, "max_length": MAX_LENGTH,
             "chat_template": use_template, "dataset_path": DATASET_PATH, "dataset_sha256": dataset_sha256,
@@ -184,13 +185,20 @@ elif os.path.isfile(progress_path):
         saved = None
 processed, elapsed = 0, 0.0
 if not share_finished:
+    share_tokens = int(offsets[last] - offsets[first])
+
+    def open_writers(states):
+        return {L: StreamingNpzWriter(p, (share_tokens, d_model), store_dtype, state=states and states[str(L)])
+                for L, p in part_paths.items()}
+
+    try:
+        writers = open_writers(saved and saved["writers"])
+    except ResumeMismatch as e:
+        print(f"{e}; starting over")
+        saved, writers = None, open_writers(None)
     done = saved["examples_done"] if saved else first
     if done > first:
         print(f"Resuming after example {done} of {n_examples}")
-    share_tokens = int(offsets[last] - offsets[first])
-    writers = {L: StreamingNpzWriter(p, (share_tokens, d_model), store_dtype,
-                                     state=saved["writers"][str(L)] if saved else None)
-               for L, p in part_paths.items()}
     if not saved:
         save_progress(progress_path, record, work, first, writers)
 
@@ -219,17 +227,25 @@ if not share_finished:
                 input_ids, mask = forward.pad_right([ids_per_example[i] for i in batch], pad_id)
                 hidden = forward.residual_stream(model, input_ids.to(input_device), mask.to(input_device), layers)
                 for L in layers:
-                    h = hidden[L].float().cpu().numpy()
-                    for row, i in enumerate(batch):
-                        a, b = int(offsets[i]) - base, int(offsets[i + 1]) - base
-                        rows = h[row, :lengths[i]]
-                        if not np.isfinite(rows).all():
-                            fail(f"the model produced NaN or inf at layer {L} for the example on line "
-                                 f"{example_index[i] + 1} of {DATASET_PATH}; try --dtype=float32")
-                        window[L][a:b] = rows
-                        if store_dtype != np.float32 and not np.isfinite(window[L][a:b]).all():
-                            fail(f"activations at layer {L} for the example on line {example_index[i] + 1} "
-                                 f"overflow {STORE_DTYPE}; use --store_dtype=float32")
+                    # the real tokens of the batch's examples, one after another, converted where the model ran
+                    # (a GPU's copy to the host is then small and unpadded)
+                    h = hidden[L]
+                    rows = h[mask.to(h.device, torch.bool)].to(store_torch_dtype)
+                    if not all(map(math.isfinite, torch.aminmax(rows))):  # which example, and why
+                        for row, i in enumerate(batch):
+                            x = h[row, :lengths[i]]
+                            line = f"the example on line {example_index[i] + 1} of {DATASET_PATH}"
+                            if not torch.isfinite(x).all():
+                                fail(f"the model produced NaN or inf at layer {L} for {line}; try --dtype=float32")
+                            if not torch.isfinite(x.to(store_torch_dtype)).all():
+                                fail(f"activations at layer {L} for {line} overflow {STORE_DTYPE}; "
+                                     f"use --store_dtype=float32")
+                    rows = rows.cpu().numpy()
+                    at = 0
+                    for i in batch:
+                        a, n = int(offsets[i]) - base, int(lengths[i])
+                        window[L][a:a + n] = rows[at:at + n]
+                        at += n
                 processed += int(lengths[batch].sum())
                 bar.update(int(lengths[batch].sum()))
             for L in layers:
