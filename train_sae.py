@@ -194,19 +194,20 @@ if world > 1:  # data parallel: gradients, dead-feature counters and BatchTopK t
 run_record = {"format": FORMAT, "config": config, "sae_config": sae.config, "provenance": provenance, "record": record}
 chunk_tokens = runtime.eval_chunk_tokens(device, acts.d)
 gc.freeze()  # what exists now (modules, data, model) is never garbage: collections during training skip it
-t_start, tokens_seen = time.time(), 0
+t_start, tokens_seen, loop_seconds = time.time(), 0, 0.0  # loop: the steps alone, without validation
 autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16 and device.type == "cuda")
 try:
     for epoch in range(start_epoch, N_EPOCHS):
         sae.train()
         loss_sum, n_steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        batches = stream.epoch(epoch, prefetch=device.type == "cuda")
+        batches = stream.epoch(epoch, for_gpu=device.type == "cuda")
+        t_loop = time.time()
         if world > 1:  # every process must take the same number of steps
             steps = int(-dist.all_reduce([-(stream.n_tokens(epoch) // BATCH_SIZE)], "max")[0])
             batches = (x for _, x in zip(range(steps), batches))
         for x in tqdm(batches, total=steps_per_epoch // world, desc=f"epoch {epoch + 1}", leave=False,
                       disable=rank > 0 or QUIET or None):
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True).float()  # a GPU's batches come as stored
             out = step(sae, x, sae.dead_mask(), backward=True, autocast=autocast)
             grad_norm = out.grad_norm  # decoder gradients are already tangent to the unit-norm rows
             if world > 1:
@@ -220,6 +221,8 @@ try:
             loss_sum += out.loss
             n_steps += 1
             tokens_seen += len(x) * world
+        runtime.synchronize(device)
+        loop_seconds += time.time() - t_loop
         val = reconstruction_metrics(sae, acts, val_ids, selection, step, device, chunk_tokens)
         val_loss = float(np.mean([math.nan if v is None else v for v in val["prefix_nmse"]]))
         dead_ratio = sae.dead_mask().float().mean().item()
@@ -283,6 +286,7 @@ metrics = {"val_mse": final["mse"], "val_nmse": final["nmse"], "val_prefix_nmse"
            "l0": final["l0"], "dead_ratio": sae.dead_mask().float().mean().item(),
            "never_fired_ratio": final["never_fired_ratio"], "left_out": left, "best_val_loss": best_loss,
            "epochs": len(history), "train_tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+           "train_loop_tokens_per_s": tokens_seen / max(loop_seconds, 1e-9),
            "train_seconds": elapsed, "val_nmse_content": final["content"].get("nmse"), "content": final["content"],
            "by_token_kind": final["by_token_kind"], "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device)}
 content_nmse = metrics["val_nmse_content"]
@@ -297,7 +301,8 @@ if len(prefixes or []) > 1:
 if left.get("tokens"):
     print(f"Left-out tokens ({TRAIN_TOKENS}): {left['tokens']} tokens, MSE {left['mse']:.6g} "
           f"(relative error ‖x − x̂‖²/‖x‖²: {left['relative_error']:.4f}), not trained on")
-print(f"Throughput: {metrics['train_tokens_per_s']:.0f} tokens/s ({tokens_seen} tokens in {elapsed:.1f}s)")
+print(f"Throughput: {metrics['train_tokens_per_s']:.0f} tokens/s ({tokens_seen} tokens in {elapsed:.1f}s; "
+      f"{metrics['train_loop_tokens_per_s']:.0f} tokens/s in the steps alone, without validation)")
 print("Reconstruction by token kind (validation tokens; a position shared by several examples counted once):")
 for name, r in final["by_token_kind"].items():
     if r.get("tokens"):

@@ -67,3 +67,9 @@ def eval_chunk_tokens(device: torch.device, d: int) -> int:
 def peak_gpu_memory(device: torch.device) -> int | None:
     """Bytes of GPU memory PyTorch held at most so far in this process on `device` (None on a CPU)."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's is asynchronous; a CPU's is done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -6,6 +6,7 @@ Only one chunk and one buffer are in memory at a time, so memory does not grow w
 import math
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ def split_examples(n: int, labels, val_fraction: float, seed: int) -> tuple[np.n
     return train, val
 
 
+GPU_READERS = 8  # threads that read a GPU's batches from the file (one thread copies a few GB/s)
 _EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
 
 
@@ -115,32 +117,52 @@ class MixingStream:
         mine = self._my_chunks(np.random.default_rng([self.seed, epoch]))
         return count_tokens(self.acts, np.concatenate(mine), self.selection)[0] if mine else 0
 
-    def epoch(self, epoch: int, prefetch: bool = False):
-        """The batches of one epoch; with prefetch, prepared ahead in a background thread. That pays on
-        a GPU, whose work is asynchronous; on a CPU the thread would take cores from the training
-        step's own threads, and reading a batch costs far less than the step."""
-        return _prefetch(self._batches(epoch)) if prefetch else self._batches(epoch)
+    def epoch(self, epoch: int, for_gpu: bool = False):
+        """The batches of one epoch, float32 rows. For a GPU they are prepared ahead in a background thread
+        and come as stored (float16 by default: half the bytes to copy) in pinned memory, so that
+        `x.to(device, non_blocking=True).float()` copies while the GPU works and converts there. On a CPU
+        the thread would take cores from the training step's own threads, and reading a batch costs far
+        less than the step."""
+        if not for_gpu:
+            return self._batches(epoch, pinned=False, pool=None)
+        return _prefetch(self._pooled(epoch))
 
-    def _batches(self, epoch: int):
-        """Chunks are read into one buffer of rows as stored (float16 by default); each batch is gathered
-        from it in shuffled order and converted to float32 on its own, so no whole-buffer copy is made."""
+    def _pooled(self, epoch: int):
+        with ThreadPoolExecutor(GPU_READERS) as pool:
+            yield from self._batches(epoch, pinned=True, pool=pool)
+
+    def _batches(self, epoch: int, pinned: bool, pool: ThreadPoolExecutor | None):
+        """Chunks are read into one buffer of rows as stored (float16 by default), those of one filling by
+        the threads of `pool` at once when given (reading from the page cache is a memory copy that one
+        thread does at a few GB/s); each batch is gathered from the buffer in shuffled order, into pinned
+        memory as stored or converted to float32 on its own, so no whole-buffer copy is made."""
         rng = np.random.default_rng([self.seed, epoch])
         my_chunks = [np.sort(c) for c in self._my_chunks(rng)]
-        longest = max((int((self.acts.offsets[c + 1] - self.acts.offsets[c]).sum()) for c in my_chunks), default=0)
-        buf = np.empty((self.buffer_tokens + self.batch_size + longest, self.acts.d), dtype=self.acts.activations.dtype)
+        sizes = [int((self.acts.offsets[c + 1] - self.acts.offsets[c]).sum()) for c in my_chunks]
+        buf = np.empty((self.buffer_tokens + self.batch_size + max(sizes, default=0), self.acts.d),
+                       dtype=self.acts.activations.dtype)
         rows_t = torch.from_numpy(buf)
-        filled, kept = 0, []  # rows of buf in use, and which of them are trained on
+
+        def read(job):  # (chunk, first row in buf) -> which of its rows are trained on, as rows of buf
+            c, at = job
+            return at + np.flatnonzero(self.selection.mask(_read(self.acts, c, self.selection, out=buf[at:])[1]))
+
+        filled, kept, jobs = 0, [], []  # rows of buf in use, which of them are trained on, chunks to read
         for i, c in enumerate(my_chunks):
-            _, info = _read(self.acts, c, self.selection, out=buf[filled:])
-            kept.append(filled + np.flatnonzero(self.selection.mask(info)))
-            filled += len(info.roles)
+            jobs.append((c, filled))
+            filled += sizes[i]
             last = i == len(my_chunks) - 1
             if filled - self.batch_size >= self.buffer_tokens or last:
-                kept = np.concatenate(kept)
+                kept = np.concatenate(kept + list((pool.map if pool else map)(read, jobs)))
+                jobs = []
                 order = torch.from_numpy(kept[rng.permutation(len(kept))])
                 n_out = len(order) if last else len(order) // self.batch_size * self.batch_size
                 for batch in order[:n_out].split(self.batch_size):
-                    yield rows_t.index_select(0, batch).float()
+                    if pinned:  # PyTorch's pinned-memory cache reuses a block only once its copy is done
+                        out = torch.empty((len(batch), self.acts.d), dtype=rows_t.dtype, pin_memory=True)
+                        yield torch.index_select(rows_t, 0, batch, out=out)
+                    else:
+                        yield rows_t.index_select(0, batch).float()
                 rest = order[n_out:]  # fewer than a batch: carried to the front of the buffer
                 buf[:len(rest)] = buf[rest.numpy()]
                 filled, kept = len(rest), [np.arange(len(rest))]

@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -65,6 +66,19 @@ def test_split_is_by_example_and_stratified(acts_path):
     assert sorted(map(tuple, rows.numpy().tolist())) == sorted(map(tuple, expected.tolist()))
     again = torch.cat(list(stream.epoch(0)))
     assert torch.equal(rows, again), "an epoch's order is fixed by (seed, epoch)"
+
+
+def test_reading_with_threads_gives_the_same_batches(acts_path):
+    """A GPU's batches are read by a pool of threads (the pinned-memory part needs CUDA): the same batches in
+    the same order as one thread reads them, over several fillings of a small mixing buffer."""
+    acts = open_activations(acts_path)
+    stream = MixingStream(acts, np.arange(acts.n_examples), TokenSelection(acts, "all"), 7, seed=0,
+                          chunk_tokens=16, buffer_bytes=4 * acts.d * 20)
+    one = list(stream.epoch(1))
+    with ThreadPoolExecutor(4) as pool:
+        pooled = list(stream._batches(1, pinned=False, pool=pool))
+    assert len(one) > 3 * 16 and len(pooled) == len(one)
+    assert all(torch.equal(a, b) for a, b in zip(one, pooled))
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, acts_path):
