@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from conftest import ROOT, make_tiny_model, tiny_records, write_jsonl
 
@@ -38,7 +39,7 @@ def assert_bounded(peaks: dict, sizes: dict):
 def test_training_memory_does_not_grow_with_the_file(tmp_path):
     peaks, sizes = {}, {}
     for name, n_tokens in (("1x", 30_000), ("4x", 120_000)):
-        path = training_file(str(tmp_path / f"{name}.npz"), n_tokens, 768, np.random.default_rng(0))
+        path = training_file(str(tmp_path / f"{name}.npz"), n_tokens, 768, np.random.default_rng(0), torch.device("cpu"))
         sizes[name] = os.path.getsize(path)
         peaks[name] = peak_mib("train_sae.py", f"--activations_path={path}", f"--run_name={name}", "--m=256", "--k=8",
                                "--n_epochs=1", "--eval_lm=False", "--export_saelens=False", cwd=tmp_path)
