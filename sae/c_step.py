@@ -10,6 +10,7 @@ math, about half the speed on a CPU.
 """
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -62,6 +63,9 @@ class CStep(TorchStep):
         self._fn = lib.sae_step
         self._fn.argtypes = [ctypes.POINTER(_Step)]
         self._fn.restype = ctypes.c_int
+        self._select = lib.batch_select
+        self._select.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, _P, _P, _P]
+        self._select.restype = ctypes.c_int64
         self._adam = lib.adam_update
         self._adam.argtypes = [_P] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_double] * 6 + [ctypes.c_int64] * 2
         self._adam.restype = None
@@ -71,11 +75,25 @@ class CStep(TorchStep):
                  backward: bool = False, autocast=None) -> StepResult:
         xc_BD, pre_BM = pre_activations(sae, x_BD, autocast)
         if x_BD.device.type == "cpu" and xc_BD.dtype == torch.float32:
-            selected = sae.codes_sparse(pre_BM) if sae.batch_topk else None  # BatchTopK: chosen in PyTorch
+            selected = self._batch_select(sae, pre_BM.contiguous()) if sae.batch_topk else None
             out = self._run(sae, xc_BD, pre_BM, dead_M, selected, backward)
             if out is not None:
                 return out
         return torch_step(sae, xc_BD, pre_BM, dead_M, backward)
+
+    def _batch_select(self, sae: SparseAutoencoder, pre_BM: torch.Tensor):
+        """SparseAutoencoder.select and codes_sparse for BatchTopK in one C call (the K·B largest in training,
+        moving the threshold as select does; those above the threshold at inference): (idx_BJ, vals_BJ)."""
+        b, m = pre_BM.shape
+        idx, vals, kept_min = torch.empty(b * m, dtype=torch.long), torch.empty(b * m), ctypes.c_float()
+        n = min(sae.k * b, b * m) if sae.training else 0
+        j = self._select(pre_BM.data_ptr(), b, m, n, float(sae.threshold), idx.data_ptr(), vals.data_ptr(),
+                         ctypes.byref(kept_min))
+        if j < 0:  # no memory for the scratch: PyTorch's selection
+            return sae.codes_sparse(pre_BM)
+        if n and not math.isnan(kept_min.value):
+            sae.update_threshold(kept_min.value)
+        return idx[:b * j].view(b, j), vals[:b * j].view(b, j)
 
     def _run(self, sae, xc_BD, pre_BM, dead_M, selected, backward) -> StepResult | None:
         """One sae_step call; the gradients go to the parameters' .grad. None if C could not allocate."""

@@ -97,6 +97,12 @@ class SparseAutoencoder(nn.Module):
         return torch.addmm(self.b_enc_M, self.centered(x_BD), self.W_enc_MD.t())
 
     @torch.no_grad()
+    def update_threshold(self, kept_min) -> None:
+        """BatchTopK: move the inference threshold toward the smallest code a training batch kept."""
+        self.threshold.lerp_(torch.as_tensor(kept_min, dtype=self.threshold.dtype, device=self.threshold.device),
+                             THRESHOLD_EMA)
+
+    @torch.no_grad()
     def select(self, pre_BM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Indices of the selected features per token (B, J) and, for BatchTopK, which are real."""
         if not self.batch_topk:
@@ -108,7 +114,7 @@ class SparseAutoencoder(nn.Module):
             keep_BM = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx[vals > 0], True).view_as(acts_BM)
             kept = vals[vals > 0]
             if kept.numel():
-                self.threshold.lerp_(kept.min(), THRESHOLD_EMA)
+                self.update_threshold(kept.min())
         else:
             keep_BM = acts_BM > self.threshold
         j = max(int(keep_BM.sum(1).max()), 1)

@@ -403,6 +403,122 @@ int sae_step(const Step *s) {
     return rc;
 }
 
+/* The bits of a positive float, which order positive floats as unsigned integers. */
+static inline uint32_t bits_of(float v) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return u;
+}
+
+enum { RADIX_BITS = 11, RADIX_BINS = 1 << RADIX_BITS, RADIX_LANES = 4 };
+
+/* One digit of a radix select over the positive values whose bits above `shift + width` equal `prefix`:
+ * the digit (bits shift .. shift + width) holding the r-th largest of them (r >= 1), and in *above how
+ * many of them have a larger digit. Four lanes of counters keep equal values from waiting on each other. */
+static uint32_t radix_digit(const float *v, int64_t len, uint32_t prefix, int shift, int width, int64_t r,
+                            int64_t *above) {
+    uint32_t hist[RADIX_LANES][RADIX_BINS];
+    memset(hist, 0, sizeof hist);
+    uint32_t bins = 1u << width, top = shift + width;
+    for (int64_t i = 0; i < len; i++) {
+        uint32_t u = bits_of(v[i]);
+        if (v[i] > 0.f && (top >= 32 || u >> top == prefix)) hist[i & (RADIX_LANES - 1)][(u >> shift) & (bins - 1)]++;
+    }
+    int64_t cum = 0;
+    uint32_t b = bins - 1;
+    for (;; b--) {
+        int64_t h = 0;
+        for (int l = 0; l < RADIX_LANES; l++) h += hist[l][b];
+        if (cum + h >= r || b == 0) break;
+        cum += h;
+    }
+    *above = cum;
+    return b;
+}
+
+/* The n-th largest of the positive values of v[0..len) (at least n of them), by a radix select on their
+ * bits in three digits of 11, 11 and 10 bits; *ties receives how many of the values equal to it rank
+ * within the n largest. */
+static float nth_largest_positive(const float *v, int64_t len, int64_t n, int64_t *ties) {
+    static const int widths[3] = {11, 11, 10};
+    int64_t above, r = n;
+    uint32_t prefix = 0;
+    for (int d = 0, shift = 32; d < 3; d++) {
+        shift -= widths[d];
+        prefix = prefix << widths[d] | radix_digit(v, len, prefix, shift, widths[d], r, &above);
+        r -= above;  /* the rank among the values that share the prefix so far */
+    }
+    float out;
+    memcpy(&out, &prefix, sizeof out);
+    *ties = r;
+    return out;
+}
+
+/* BatchTopK's selection over a whole batch, as SparseAutoencoder.select: in training (n > 0) the n largest
+ * positive values of pre (B×M), the n-th found among the candidates that block maxima leave (ties at the
+ * n-th value: the first ones in row-major order), all of them when fewer than n are positive; at
+ * inference (n == 0) the positive values above `threshold`. Each row's kept features go to idx/vals (room
+ * for B×M entries) as rows of J, the most kept by any row (at least 1); the rest of a row is feature 0 with
+ * code 0 (no entry). Returns J (-1: no memory); *kept_min receives the smallest kept value (NaN: none). */
+int64_t batch_select(const float *pre, int64_t B, int64_t M, int64_t n, double threshold, int64_t *idx,
+                     float *vals, float *kept_min) {
+    int64_t len = B * M, ties = 0, J = 1, kept = 0;
+    float cut = (float)threshold;  /* kept: positive values above cut, plus `ties` values equal to it */
+    int exact = 0;                 /* whether cut is the n-th largest (ties then counted) */
+    if (n > 0) {
+        /* The n-th largest of the maxima of blocks of 8 bounds the n-th largest value from below (n blocks
+         * hold a value at least that large): only the values at or above it are candidates. */
+        int64_t blocks = len / 8, c = 0;
+        float *cand = malloc((len + 1) * sizeof(float)), bound = 0.f;
+        if (!cand) return -1;
+        int64_t positive_blocks = 0, unused;
+        for (int64_t b = 0; b < blocks; b++) {
+            cand[b] = max8(pre + 8 * b);
+            positive_blocks += cand[b] > 0.f;
+        }
+        if (positive_blocks >= n)
+            bound = nth_largest_positive(cand, blocks, n, &unused);
+        int64_t i;
+        for (i = 0; i + 8 <= len; i += 8)
+            if (any_at_least(pre + i, bound))
+                for (int u = 0; u < 8; u++)
+                    if (pre[i + u] > 0.f && pre[i + u] >= bound) cand[c++] = pre[i + u];
+        for (; i < len; i++)
+            if (pre[i] > 0.f && pre[i] >= bound) cand[c++] = pre[i];
+        cut = 0.f;
+        if (c >= n) {  /* else the bound was 0 and fewer than n values are positive: all of them are kept */
+            cut = nth_largest_positive(cand, c, n, &ties);
+            exact = 1;
+        }
+        free(cand);
+    }
+    int64_t *count = calloc(B, sizeof(int64_t)), *where = malloc((len + 1) * sizeof(int64_t));
+    if (!count || !where) { free(count); free(where); return -1; }
+    for (int64_t i = 0; i < len; i++) {  /* the kept positions, in row-major order */
+        float v = pre[i];
+        if (!(v > 0.f) || v < cut || (v == cut && !(exact && ties > 0))) continue;
+        if (v == cut && exact) ties--;
+        where[kept++] = i;
+    }
+    float lowest = NAN;
+    for (int64_t e = 0; e < kept; e++) {
+        int64_t b = where[e] / M;
+        if (++count[b] > J) J = count[b];
+        if (e == 0 || pre[where[e]] < lowest) lowest = pre[where[e]];
+    }
+    memset(count, 0, B * sizeof(int64_t));
+    for (int64_t e = 0; e < kept; e++) {
+        int64_t b = where[e] / M, j = count[b]++;
+        idx[b * J + j] = where[e] - b * M;
+        vals[b * J + j] = pre[where[e]];
+    }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = count[b]; j < J; j++) { idx[b * J + j] = 0; vals[b * J + j] = 0.f; }
+    *kept_min = lowest;
+    free(count); free(where);
+    return J;
+}
+
 /* One Adam step on a parameter of `rows` rows of `cols`, with PyTorch's formula and state (exp_avg,
  * exp_avg_sq, step already counted), the gradient multiplied by grad_scale (clipping); with unit_rows
  * each row is then renormalised to unit length (the decoder) while it is in cache. */

@@ -168,6 +168,35 @@ def test_c_step_selects_the_k_largest(c_step, m, k):
     torch.testing.assert_close(out.vals, pre.gather(1, out.idx).relu())
 
 
+@pytest.mark.parametrize("case", ["distinct", "few positive", "ties", "inference"])
+def test_c_batch_topk_selection_equals_the_pytorch_one(c_step, case):
+    """BatchTopK's selection in C against SparseAutoencoder.select: the K·B largest positive values of the
+    batch (all of them when fewer are positive; exactly K·B when values tie at the cut, the larger ones all
+    kept), the threshold moved alike; at inference the values above the threshold."""
+    sae = make(batch_topk=True, m=64, k=4).train(case != "inference")
+    pre = torch.randn(48, 64) * 3
+    if case == "few positive":
+        pre = pre - 6  # ~2% positive: fewer than K·B = 192
+    if case == "ties":
+        pre = torch.round(pre)  # a few distinct values: many tie at the cut
+    sae.threshold.fill_(1.5)
+    idx_p, vals_p = sae.codes_sparse(pre)  # in training this moves the threshold
+    moved = sae.threshold.clone()
+    sae.threshold.fill_(1.5)
+    idx_c, vals_c = c_step._batch_select(sae, pre)
+    torch.testing.assert_close(sae.threshold, moved)
+    codes_p, codes_c = (torch.zeros_like(pre).scatter_add(1, i, v) for i, v in ((idx_p, vals_p), (idx_c, vals_c)))
+    n_kept = int((codes_c > 0).sum())
+    if case == "ties":  # which of the tied values are kept may differ; the count and the larger values may not
+        cut = codes_c[codes_c > 0].min()
+        assert n_kept == int((codes_p > 0).sum()) == 4 * 48 and (codes_c[pre > cut] > 0).all()
+    else:
+        torch.testing.assert_close(codes_c, codes_p)
+        assert n_kept == {"distinct": 4 * 48, "few positive": int((pre > 0).sum()),
+                          "inference": int((pre > 1.5).sum())}[case]
+    assert idx_c.shape[1] == max(int((codes_c > 0).sum(1).max()), 1)
+
+
 @pytest.mark.parametrize("backward", [False, True])
 @pytest.mark.parametrize("batch_topk", [False, True])
 def test_both_steps_return_the_same_result(c_step, batch_topk, backward):
@@ -176,17 +205,19 @@ def test_both_steps_return_the_same_result(c_step, batch_topk, backward):
     sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.3).train(backward)
     sae.steps_since_fired[::3] = 10_000
     x = torch.randn(50, 12) * 3
-    results = []
+    results, moved = [], []
     for step in (pytorch_step, c_step):
         sae.zero_grad(set_to_none=True)
         threshold = sae.threshold.clone()
         results.append((step(sae, x, sae.dead_mask(), backward=backward), [p.grad for p in sae.parameters()]))
+        moved.append(sae.threshold.clone())
         sae.threshold.copy_(threshold)  # BatchTopK training moves it: both steps start from the same one
     (a, grads_a), (b, grads_b) = results
     assert type(a) is type(b) is StepResult
-    order_a, order_b = a.idx.argsort(1), b.idx.argsort(1)  # the same selection, in any order
-    assert torch.equal(a.idx.gather(1, order_a), b.idx.gather(1, order_b))
-    torch.testing.assert_close(a.vals.gather(1, order_a), b.vals.gather(1, order_b))
+    assert a.idx.shape == b.idx.shape and torch.equal(moved[0], moved[1])
+    codes_a, codes_b = (torch.zeros(len(x), sae.m).scatter_add(1, r.idx, r.vals) for r in (a, b))
+    torch.testing.assert_close(codes_a, codes_b)  # the same selection and codes (entries with code 0: none)
+    assert int((a.vals > 0).sum()) == int((codes_a > 0).sum())
     for field in ("loss", "prefix_nmse", "sse", "aux", "fired", "grad_norm"):
         va, vb = getattr(a, field), getattr(b, field)
         assert (va is None) == (vb is None) == (field == "grad_norm" and not backward), field
