@@ -410,7 +410,7 @@ static inline uint32_t bits_of(float v) {
     return u;
 }
 
-enum { RADIX_BITS = 11, RADIX_BINS = 1 << RADIX_BITS, RADIX_LANES = 4 };
+enum { RADIX_BINS = 1 << 11, RADIX_LANES = 4 };  /* digits of at most 11 bits; lanes of counters */
 
 /* One digit of a radix select over the positive values whose bits above `shift + width` equal `prefix`:
  * the digit (bits shift .. shift + width) holding the r-th largest of them (r >= 1), and in *above how
@@ -422,7 +422,8 @@ static uint32_t radix_digit(const float *v, int64_t len, uint32_t prefix, int sh
     uint32_t bins = 1u << width, top = shift + width;
     for (int64_t i = 0; i < len; i++) {
         uint32_t u = bits_of(v[i]);
-        if (v[i] > 0.f && (top >= 32 || u >> top == prefix)) hist[i & (RADIX_LANES - 1)][(u >> shift) & (bins - 1)]++;
+        if (v[i] > 0.f && (top >= 32 || u >> top == prefix))
+            hist[i & (RADIX_LANES - 1)][(u >> shift) & (bins - 1)]++;
     }
     int64_t cum = 0;
     uint32_t b = bins - 1;
