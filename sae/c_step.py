@@ -1,10 +1,10 @@
 """The training step in C (sae/sae_step.c), one of the two implementations of sae/step.py's interface:
 after the encoder matmul, one C call for the selection (BatchTopK's batch-wide selection is a call of its
-own), prefix residuals, loss and hand-written gradients, and one for the optimizer step (Adam with clipping and the unit-norm decoder). For float32 on a CPU; any
-other batch, or a C call that could not allocate its scratch memory, takes the PyTorch step. Built on
-first use with the system C compiler and kept in a cache folder keyed by the source, the flags and the
-CPU. Where it cannot be built, `load_c_step` says why and training takes the PyTorch step: the same
-math, about half the speed on a CPU.
+own), prefix residuals, loss and hand-written gradients, and one for the optimizer step (Adam with
+clipping and the unit-norm decoder). For float32 on a CPU; any other batch, or a C call that could not
+allocate its scratch memory, takes the PyTorch step. Built on first use with the system C compiler and
+kept in a cache folder keyed by the source, the flags and the CPU. Where it cannot be built, `load_c_step`
+says why and training takes the PyTorch step: the same math, about half the speed on a CPU.
 
     step, why_not = load_c_step()    # CStep, None  or  None, "no C compiler (cc) on PATH"
 """
