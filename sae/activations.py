@@ -61,6 +61,14 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def crc_of_range(fd: int, start: int, size: int, chunk_bytes: int = 1 << 24) -> int:
+    """CRC-32 of `size` bytes of an open file from `start`, read in chunks with pread."""
+    crc = 0
+    for at in range(0, size, chunk_bytes):
+        crc = zlib.crc32(os.pread(fd, min(chunk_bytes, size - at), start + at), crc)
+    return crc
+
+
 class ResumeMismatch(Exception):
     """A partial file that does not hold the rows its saved state counts."""
 
@@ -83,21 +91,14 @@ class StreamingNpzWriter:
         else:  # resume: check the rows the saved state counts, drop whatever was written after them
             self.f = open(self.partial_path, "r+b")
             self.rows, self.crc = state["rows"], state["crc"]
-            end = self.data_start + self.rows * self.row_bytes
-            if os.path.getsize(self.partial_path) < end or self._crc_until(end) != self.crc:
+            end = self.data_start + self.rows * self.row_bytes  # the member's bytes (npy header, rows) end there
+            if (os.path.getsize(self.partial_path) < end
+                    or crc_of_range(self.f.fileno(), len(self.header), end - len(self.header)) != self.crc):
                 self.f.close()
                 raise ResumeMismatch(f"{self.partial_path} does not hold the {self.rows} rows its saved state "
                                      f"counts (the machine stopped before they reached the disk?)")
             self.f.truncate(end)
             self.f.seek(0, os.SEEK_END)
-
-    def _crc_until(self, end: int, chunk: int = 1 << 26) -> int:
-        """CRC-32 of the member's bytes (npy header and rows) up to file position `end`."""
-        crc, pos = 0, len(self.header)
-        while pos < end:
-            crc = zlib.crc32(os.pread(self.f.fileno(), min(chunk, end - pos), pos), crc)
-            pos += chunk
-        return crc
 
     def append(self, rows: np.ndarray):
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
@@ -246,10 +247,7 @@ class Activations:
         """Check every member against the CRC-32 the zip stores for it (the whole file is read once, about
         a second per GB); raise ActivationFileError naming the member that fails."""
         for name, (start, size, crc) in self._spans.items():
-            running = 0
-            for at in range(0, size, chunk_bytes):
-                running = zlib.crc32(os.pread(self._fd, min(chunk_bytes, size - at), start + at), running)
-            if running != crc:
+            if crc_of_range(self._fd, start, size, chunk_bytes) != crc:
                 raise ActivationFileError(f"{self.path} is corrupt: {name} fails its CRC-32 check (the bytes on "
                                           f"disk changed after extraction); delete it and re-run extract_activations.py")
 
