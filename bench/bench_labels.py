@@ -13,7 +13,7 @@ it). Both are then measured by the same functions on the same examples:
 
     python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
     python bench/bench_labels.py --seeds=0 --dataset=path/to/other.jsonl
-    python bench/bench_labels.py --seeds=0,1,2,3,4,5,6          # the README's figures (~35 min on 2 cores)
+    python bench/bench_labels.py --seeds=0,1,2,3,4,5,6          # the seeds of the README's figures
 
 One split of 45 validation examples for 45 labels makes one run's figures noisy (the label count moves
 by ±3 and the probe ratio by ±0.3 between seeds), hence several seeds, their means, and the paired
