@@ -15,7 +15,6 @@ the results equal one-at-a-time processing. The output of each requested decoder
 Killed or out of disk? Run the same command again: it resumes where it stopped.
 """
 import json
-import math
 import os
 import time
 
@@ -231,7 +230,7 @@ if not share_finished:
                     # (a GPU's copy to the host is then small and unpadded)
                     h = hidden[L]
                     rows = h[mask.to(h.device, torch.bool)].to(store_torch_dtype)
-                    if not all(map(math.isfinite, torch.aminmax(rows))):  # which example, and why
+                    if not runtime.all_finite(rows):  # which example, and why
                         for row, i in enumerate(batch):
                             x = h[row, :lengths[i]]
                             line = f"the example on line {example_index[i] + 1} of {DATASET_PATH}"

@@ -1,5 +1,7 @@
-"""Where and how a script runs: its device, its dtype, and glibc's allocator policy for CPU runs."""
+"""Where and how a script runs: its device, its dtype, glibc's allocator policy for CPU runs, and the one-pass
+NaN/inf check of activations."""
 import ctypes
+import math
 import sys
 
 import torch
@@ -22,6 +24,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":  # bf16 weights on GPUs as in the FAST paper; float32 on CPUs, where bf16 is slow
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether t holds no NaN and no inf, in one pass: aminmax propagates a NaN, and an inf is its min or max."""
+    return t.numel() == 0 or all(map(math.isfinite, torch.aminmax(t)))
 
 
 def set_malloc(mmap_threshold: int, trim_threshold: int):

@@ -3,7 +3,6 @@ batches drawn from random chunks of examples through a shuffling mixing buffer (
 
 Only one chunk and one buffer are in memory at a time, so memory does not grow with the file.
 """
-import math
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from .activations import Activations
+from .runtime import all_finite
 from .selection import TokenSelection
 
 
@@ -51,7 +51,7 @@ def _read(acts: Activations, example_ids: np.ndarray, selection: TokenSelection,
     row_ends = np.cumsum(ends - starts)  # where each example's rows end in `rows`
     for a, b, at in zip(starts, ends, row_ends - (ends - starts)):
         acts.read_rows(a, b, out=rows[at:at + b - a])
-    if len(rows) and not all(map(math.isfinite, torch.aminmax(torch.from_numpy(rows)))):  # NaN or inf in there
+    if not all_finite(torch.from_numpy(rows)):
         uint, exponent = _EXPONENT_BITS[dtype]  # they have every exponent bit set: find the first such row
         bad_rows = np.flatnonzero(((rows.view(uint) & exponent) == exponent).any(1))
         example = int(example_ids[np.searchsorted(row_ends, bad_rows[0], side="right")])
