@@ -147,11 +147,23 @@ def highlight(snippet: str) -> str:
 def feature_table(rows, width: int = 140) -> list[str]:
     """Console lines for (feature index, share of examples active, description) rows, as in
     "Neuron 42 (15.3% active): describes reconsidering a previous decision"."""
-    lines = []
-    for f, prevalence, text in rows:
-        text = text if len(text) <= width else text[:width - 1] + "…"
-        lines.append(f"  Neuron {int(f):>5} ({100 * prevalence:5.1f}% active): {text}")
-    return lines
+    return [f"  Neuron {int(f):>5} ({100 * prevalence:5.1f}% active): {shorten(text, width)}" for f, prevalence, text in rows]
+
+
+def shorten(text: str, width: int, lead: int = 24) -> str:
+    """text in at most `width` characters, cut at the end with "…"; when that cut would hide the «peak» of a
+    quoted example (“… «peak» …”), the example's opening is cut too, so that the peak shows with up to `lead`
+    characters on each side (as many as fit)."""
+    if len(text) <= width:
+        return text
+    quote, peak = text.find("“"), text.find("«")
+    close = text.find("»", peak)
+    if 0 <= quote < peak < close and close >= width - 1:
+        room = width - 1 - (quote + 2) - (close + 1 - peak)  # characters left beside the peak
+        keep = min(lead, room // 2, peak - quote - 1)
+        if keep >= 0:
+            text = text[:quote + 1] + "…" + text[peak - keep:]
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def render_report(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,

@@ -1,9 +1,10 @@
-"""report.html's contents: the metrics as metrics.json holds them (rounded), the LM table, and text escaped."""
+"""report.html's contents: the metrics as metrics.json holds them (rounded), the LM table, and text escaped;
+the console's feature table."""
 import re
 
 import numpy as np
 
-from sae.report import render_report
+from sae.report import feature_table, render_report
 
 METRICS = {"val_nmse": 0.26668889785, "val_nmse_content": 0.2639936, "val_prefix_nmse": [0.47771, 0.26668889],
            "l0": 8.0, "dead_ratio": 0.00390625, "never_fired_ratio": 0.0, "epochs": 72, "train_tokens_per_s": 145023.4,
@@ -37,3 +38,15 @@ def test_dataset_text_and_descriptions_stay_text():
     html = _render([card])
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;bold&lt;/b&gt; claim" in html and "<mark>left</mark>" in html
+
+
+def test_the_console_table_keeps_the_peak_of_a_long_description_in_view():
+    head = "From the data: label 'metacognitive_regulation' (AUROC 0.88); peaks on ' color', ' frame'; e.g. “"
+    text = head + "it was hard, and after a long week of work I finally shifted «my» focus to what mattered”"
+    line, = feature_table([(79, 0.767, text)], width=140)
+    shown = line.split("active): ", 1)[1]
+    assert len(shown) == 140 and shown.startswith(head + "…") and "«my»" in shown and shown.endswith("…")
+    short = "From the data: label 'x' (AUROC 0.90); e.g. “a «b» c”"
+    assert feature_table([(1, 0.5, short)]) == ["  Neuron     1 ( 50.0% active): " + short]
+    no_example = "x" * 200
+    assert feature_table([(2, 0.1, no_example)], width=50)[0].endswith("x" * 49 + "…")
