@@ -147,7 +147,8 @@ def highlight(snippet: str) -> str:
 def feature_table(rows, width: int = 140) -> list[str]:
     """Console lines for (feature index, share of examples active, description) rows, as in
     "Neuron 42 (15.3% active): describes reconsidering a previous decision"."""
-    return [f"  Neuron {int(f):>5} ({100 * prevalence:5.1f}% active): {shorten(text, width)}" for f, prevalence, text in rows]
+    return [f"  Neuron {int(f):>5} ({100 * prevalence:5.1f}% active): {shorten(text, width)}"
+            for f, prevalence, text in rows]
 
 
 def shorten(text: str, width: int, lead: int = 24) -> str:
