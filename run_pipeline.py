@@ -273,8 +273,8 @@ if isinstance(ckpt, dict):
         if m.get("labels"):
             lab = m["labels"]
             print(f"labels        {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC "
-                  f">= {lab['auroc_threshold']}; probe on validation examples: SAE features "
-                  f"{100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
+                  f">= {lab['auroc_threshold']}; probe on {lab['probe_val_examples']} validation examples: SAE "
+                  f"features {100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
 if os.path.isfile(interpretation_record_path(html)):
     record = readable(read_json, interpretation_record_path(html)) or {}
     print(f"interpretation {csv_path} ({size(csv_path)}), {html} ({size(html)}): {record.get('n_described', 0)} of "
