@@ -154,7 +154,7 @@ def feature_table(rows, width: int = 140) -> list[str]:
 def shorten(text: str, width: int, lead: int = 24) -> str:
     """text in at most `width` characters, cut at the end with "…"; when that cut would hide the «peak» of a
     quoted example (“… «peak» …”), the example's opening is cut too, so that the peak shows with up to `lead`
-    characters on each side (as many as fit)."""
+    characters before it (fewer when the room left is smaller) and as many after it as fit."""
     if len(text) <= width:
         return text
     quote, peak = text.find("“"), text.find("«")
