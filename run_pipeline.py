@@ -272,9 +272,12 @@ if isinstance(ckpt, dict):
               f"{m['l0']:.2f} active features/token, {100 * m['dead_ratio']:.1f}% dead, {m['epochs']} epochs{lm_line}")
         if m.get("labels"):
             lab = m["labels"]
+            means = lab.get("probe_sae_mean_accuracy")  # absent from checkpoints of older versions
+            means = "" if means is None else f"feature means {100 * means:.1f}%, "
             print(f"labels        {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC "
                   f">= {lab['auroc_threshold']}; probe on {lab['probe_val_examples']} validation examples: SAE "
-                  f"features {100 * lab['probe_sae_accuracy']:.1f}%, raw activations {100 * lab['probe_raw_accuracy']:.1f}%")
+                  f"feature maxima {100 * lab['probe_sae_accuracy']:.1f}%, {means}raw activations "
+                  f"{100 * lab['probe_raw_accuracy']:.1f}%")
 if os.path.isfile(interpretation_record_path(html)):
     record = readable(read_json, interpretation_record_path(html)) or {}
     print(f"interpretation {csv_path} ({size(csv_path)}), {html} ({size(html)}): {record.get('n_described', 0)} of "

@@ -316,6 +316,7 @@ if acts.labels is not None:
     print(f"Labels: {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC >= "
           f"{lab['auroc_threshold']} (mean best AUROC per feature {lab['mean_best_auroc']:.3f}); linear probe on "
           f"{lab['probe_val_examples']} validation examples: SAE feature maxima {100 * lab['probe_sae_accuracy']:.1f}%, "
+          f"SAE feature means {100 * lab['probe_sae_mean_accuracy']:.1f}%, "
           f"mean-pooled activations {100 * lab['probe_raw_accuracy']:.1f}% (majority label "
           f"{100 * lab['probe_chance']:.1f}%), {time.time() - t0:.1f}s")
 

@@ -7,8 +7,8 @@ number of epochs on the same training examples (every token but the attention si
 it). Both are then measured by the same functions on the same examples:
 - labels covered: how many labels are some feature's own best label at AUROC >= 0.8 (per-example maxima
   over content tokens, all examples);
-- the linear probe on those maxima, on the validation examples, beside the probe on mean-pooled raw
-  activations;
+- the linear probe on those maxima and on the mean codes, on the validation examples, beside the probe on
+  mean-pooled raw activations;
 - the normalized MSE on the validation examples' content tokens.
 
     python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
@@ -73,7 +73,7 @@ def measure(sae, recon, acts, train_ids, val_ids):
         err = (x.double() - recon(x).double()).pow(2).sum()
     nmse = float(err / (x.double() - x.double().mean(0)).pow(2).sum())
     return {"covered": lab["labels_covered"], "n_labels": lab["n_labels"], "probe": lab["probe_sae_accuracy"],
-            "raw": lab["probe_raw_accuracy"], "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
+            "probe_means": lab["probe_sae_mean_accuracy"], "raw": lab["probe_raw_accuracy"], "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
 
 
 def one_seed(acts_path, work, seed):
@@ -103,7 +103,8 @@ def one_seed(acts_path, work, seed):
           f"examples, raw probe {100 * raw:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
         print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']}; mean best AUROC "
-              f"{r['mean_best_auroc']:.3f}; probe {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw); content "
+              f"{r['mean_best_auroc']:.3f}; probe on maxima {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw), "
+              f"on means {100 * r['probe_means']:.1f}% ({r['probe_means'] / raw:.2f}); content "
               f"normalized MSE {r['content_nmse']:.4f}", flush=True)
     return a, b, raw
 
@@ -123,9 +124,9 @@ def main():
     ours, theirs, raws = zip(*results)
     for name, rs in (("train_sae.py", ours), ("HypotheSAEs", theirs)):
         covered = [r["covered"] for r in rs]
-        ratio = [r["probe"] / raw for r, raw in zip(rs, raws)]
-        print(f"{name:<13} mean over seeds: labels covered {np.mean(covered):.1f} (runs {covered}); probe "
-              f"{np.mean(ratio):.2f} of raw (runs {[round(v, 2) for v in ratio]}); content normalized MSE "
+        maxima, means = (np.mean([r[key] for r in rs]) / np.mean(raws) for key in ("probe", "probe_means"))
+        print(f"{name:<13} mean over seeds: labels covered {np.mean(covered):.1f} (runs {covered}); probe on maxima "
+              f"{maxima:.2f} of raw, on means {means:.2f} (ratios of the mean accuracies); content normalized MSE "
               f"{np.mean([r['content_nmse'] for r in rs]):.4f}")
     diff = np.array([a["covered"] - b["covered"] for a, b in zip(ours, theirs)], dtype=float)
     se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")

@@ -26,12 +26,14 @@ class ExampleFeatures:
 
     max_NM, peak_NM: per example and feature, the largest code over the example's read tokens and its
         position within the example (-1: does not fire there);
+    mean_NM: per example and feature, the mean code over the same tokens (0 where it does not fire);
     mean_ND: the mean raw activation over the same tokens (the baseline the probe compares with);
     content_M, template_M: each feature's summed codes over distinct content and template positions
         (shared prefixes once; see sae.selection), whose ratio classes features;
     peak_token_M: the token id where each feature's code is largest over those positions (-1: never)."""
     max_NM: np.ndarray
     peak_NM: np.ndarray
+    mean_NM: np.ndarray
     mean_ND: np.ndarray
     content_M: np.ndarray
     template_M: np.ndarray
@@ -57,6 +59,7 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
     n, m = acts.n_examples, sae.m
     max_NM = np.zeros((n, m), dtype=np.float32)
     peak_NM = np.full((n, m), -1, dtype=np.int32)
+    sum_NM = np.zeros((n, m), dtype=np.float32)
     sum_ND = torch.zeros((n, acts.d), dtype=torch.float64)
     count_N = np.zeros(n)
     mass = {"content": np.zeros(m), "template": np.zeros(m)}
@@ -86,6 +89,7 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
         r = np.repeat(np.arange(len(x)), idx.shape[1])
         live = vals.reshape(-1) > 0
         r, feats, v = r[live], idx.reshape(-1)[live], vals.reshape(-1)[live]
+        np.add.at(sum_NM, (example_of_row[r], feats), v)
         # write in increasing value (ties: the earliest position last), so each cell ends at its maximum
         order = np.lexsort((-pos_in_example[r], v))
         ex, feats, v, pos = example_of_row[r][order], feats[order], v[order], pos_in_example[r][order]
@@ -94,7 +98,8 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
         first_row += len(x)
     bar.close()
     mean_ND = (sum_ND.numpy() / np.maximum(count_N, 1)[:, None]).astype(np.float32)
-    return ExampleFeatures(max_NM, peak_NM, mean_ND, mass["content"], mass["template"], peak_token_M)
+    mean_NM = sum_NM / np.maximum(count_N, 1)[:, None].astype(np.float32)
+    return ExampleFeatures(max_NM, peak_NM, mean_NM, mean_ND, mass["content"], mass["template"], peak_token_M)
 
 
 def auroc(scores_NM: np.ndarray, labels_N: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -224,18 +229,21 @@ def data_description(label: str | None, label_auroc: float | None, top_tokens: l
 def label_metrics(sae, acts, train_ids, val_ids, selection_name, device, threshold=0.8):
     """What the features say about the labels: the labels that are some feature's own best label at
     AUROC >= threshold (per-example maxima over content tokens, all examples), and a linear probe on
-    those maxima against the same probe on mean-pooled raw activations (fitted on the training
-    examples, scored on the validation examples)."""
+    those maxima and on the mean codes against the same probe on mean-pooled raw activations (fitted on
+    the training examples, scored on the validation examples). The mean codes are pooled as the raw
+    activations are, so their gap to the raw probe is what the SAE loses; the maxima's gap adds what
+    reading each feature at its peak loses."""
     ex = example_features(sae, acts, TokenSelection(acts, selection_name), "content", device)
     auroc_LM, names = auroc(ex.max_NM, acts.labels)
     covered = labels_covered(auroc_LM, names, threshold)
     best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.5) if len(names) else np.zeros(0)
     y = acts.labels
-    sae_probe = probe_accuracy(ex.max_NM[train_ids], y[train_ids], ex.max_NM[val_ids], y[val_ids])
-    raw_probe = probe_accuracy(ex.mean_ND[train_ids], y[train_ids], ex.mean_ND[val_ids], y[val_ids])
+    sae_probe, sae_mean_probe, raw_probe = (probe_accuracy(x[train_ids], y[train_ids], x[val_ids], y[val_ids])
+                                            for x in (ex.max_NM, ex.mean_NM, ex.mean_ND))
     return {"n_labels": len(names), "auroc_threshold": threshold, "labels_covered": len(covered),
             "covered": covered, "mean_best_auroc": float(best.mean()) if len(best) else None,
-            "probe_sae_accuracy": sae_probe["accuracy"], "probe_raw_accuracy": raw_probe["accuracy"],
+            "probe_sae_accuracy": sae_probe["accuracy"], "probe_sae_mean_accuracy": sae_mean_probe["accuracy"],
+            "probe_raw_accuracy": raw_probe["accuracy"],
             "probe_ratio": sae_probe["accuracy"] / raw_probe["accuracy"] if raw_probe["accuracy"] else None,
             "probe_chance": sae_probe["chance"], "probe_train_examples": sae_probe["n_train"],
             "probe_val_examples": sae_probe["n_test"]}

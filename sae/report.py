@@ -242,9 +242,13 @@ def _labels_section(metrics: dict, label_note: str | None) -> list[str]:
     if label_note:
         parts.append(f"<p>{_esc(label_note)}.</p>")
     if lab.get("probe_raw_accuracy") is not None:
+        means = lab.get("probe_sae_mean_accuracy")  # absent from checkpoints of older versions
+        means = "" if means is None else f"SAE feature means {100 * means:.1f}%, "
         parts.append(f"<p>Linear probe on {lab['probe_val_examples']} validation examples: SAE feature maxima "
-                     f"{100 * lab['probe_sae_accuracy']:.1f}%, mean-pooled raw activations "
-                     f"{100 * lab['probe_raw_accuracy']:.1f}% (most common label: {100 * lab['probe_chance']:.1f}%).</p>")
+                     f"{100 * lab['probe_sae_accuracy']:.1f}%, {means}mean-pooled raw activations "
+                     f"{100 * lab['probe_raw_accuracy']:.1f}% (most common label: {100 * lab['probe_chance']:.1f}%)."
+                     + (" The feature means are pooled as the raw activations are, so their gap is what the SAE "
+                        "loses; the maxima are what the feature cards read." if means else "") + "</p>")
     return parts
 
 

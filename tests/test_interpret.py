@@ -144,6 +144,7 @@ def test_example_maxima_and_peaks_match_brute_force(trained, tokens):
         np.testing.assert_array_equal(ex.peak_NM[i][fired], codes.argmax(0)[fired])
         assert (ex.peak_NM[i][~fired] == -1).all()
         if read.any():
+            np.testing.assert_allclose(ex.mean_NM[i], codes[read].mean(0), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(ex.mean_ND[i], x.numpy()[read].mean(0), rtol=1e-5, atol=1e-5)
 
 

@@ -27,7 +27,10 @@ def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp
     assert json.loads(str(f["meta"]))["n_examples"] == 40
     ckpt = torch.load(tmp_path / "checkpoints" / "t" / "SAE_M=16_K=4.pt", weights_only=True)
     assert ckpt["config"]["ACTIVATIONS_PATH"].endswith("activations_layer2.npz") and ckpt["metrics"]["l0"] == pytest.approx(4, abs=0.1), "TopK: K per token"
-    assert f"probe on {ckpt['metrics']['labels']['probe_val_examples']} validation examples" in summary
+    lab = ckpt["metrics"]["labels"]
+    assert f"probe on {lab['probe_val_examples']} validation examples" in summary
+    means = f"feature means {100 * lab['probe_sae_mean_accuracy']:.1f}%"
+    assert means in summary and f"SAE {means}" in (tmp_path / "report.html").read_text(), "the like-pooled probe"
     assert len(pd.read_csv(tmp_path / "interpretations.csv")) == 5
     assert read_record(str(tmp_path / "report.json"))["config"]["K"] == 4
 
