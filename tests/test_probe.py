@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sae.probe import probe_accuracy
+from sae.probe import cross_validated_accuracy, probe_accuracy, stratified_folds
 
 
 def planted(seed=0, n=240, f=30, classes=4, strength=1.0):
@@ -36,3 +36,21 @@ def test_probe_agrees_with_the_nearest_mean_rule_on_separable_data():
     order = rng.permutation(100)
     x, y = x[order], y[order]
     assert probe_accuracy(x[:70], y[:70], x[70:], y[70:])["accuracy"] == 1.0
+
+
+def test_folds_deal_every_example_once_and_each_label_evenly():
+    _, y = planted(n=103)
+    codes = np.unique(y, return_inverse=True)[1]
+    folds = stratified_folds(codes, 10, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(y)))
+    per_fold = np.array([np.bincount(codes[f], minlength=4) for f in folds])
+    assert (per_fold.max(0) - per_fold.min(0) <= 1).all()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_cross_validated_accuracy_scores_each_example_on_a_probe_that_did_not_see_it(shuffle):
+    x, y = planted()
+    if shuffle:  # a probe that saw the held-out examples would score well above chance here
+        y = np.random.default_rng(7).permutation(y)
+    acc = cross_validated_accuracy(x, y, folds=5)
+    assert abs(acc - 0.25) <= 0.08 if shuffle else acc >= 0.85  # 240 examples: chance is 0.25 ± 0.03
