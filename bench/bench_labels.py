@@ -10,7 +10,7 @@ it). Both are then measured by the same functions on the same examples:
 - the linear probe on those maxima and on the mean codes, on the validation examples, beside the probe on
   mean-pooled raw activations; and the same three probes cross-validated over all examples (10 folds), whose
   450 held-out scores make the ratio to the raw probe far less noisy than the 45 validation examples do (the
-  SAE never saw a label, so scoring examples it was trained on leaks nothing about them);
+  SAE never saw a label, so scoring texts it was trained on leaks no label);
 - the normalized MSE on the validation examples' content tokens.
 
     python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
@@ -81,7 +81,8 @@ def measure(sae, recon, acts, train_ids, val_ids, seed):
         err = (x.double() - recon(x).double()).pow(2).sum()
     nmse = float(err / (x.double() - x.double().mean(0)).pow(2).sum())
     return {"covered": lab["labels_covered"], "n_labels": lab["n_labels"], "probe": lab["probe_sae_accuracy"],
-            "probe_means": lab["probe_sae_mean_accuracy"], "raw": lab["probe_raw_accuracy"], "cv": cv, "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
+            "probe_means": lab["probe_sae_mean_accuracy"], "raw": lab["probe_raw_accuracy"], "cv": cv,
+            "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
 
 
 def one_seed(acts_path, work, seed):
