@@ -6,7 +6,7 @@ HypotheSAEs' SparseAutoencoder.fit with the same M, K, Matryoshka prefixes, batc
 number of epochs on the same training examples (every token but the attention sinks, as its users feed
 it). Both are then measured by the same functions on the same examples:
 - labels covered: how many labels are some feature's own best label at AUROC >= 0.8 (per-example maxima
-  over content tokens, all examples);
+  over content tokens, all examples), and the same count on per-example mean codes;
 - the linear probe on those maxima and on the mean codes, on the validation examples, beside the probe on
   mean-pooled raw activations; and the same three probes cross-validated over all examples (10 folds), whose
   450 held-out scores make the ratio to the raw probe far less noisy than the 45 validation examples do (the
@@ -37,7 +37,7 @@ from sae.activations import open_activations  # noqa: E402
 from sae.checkpoint import load_checkpoint  # noqa: E402
 from sae.data import sha256_file  # noqa: E402
 from sae.files import checkpoint_path  # noqa: E402
-from sae.features import example_features, label_metrics  # noqa: E402
+from sae.features import auroc, example_features, label_metrics, labels_covered  # noqa: E402
 from sae.probe import cross_validated_accuracy  # noqa: E402
 from sae.selection import TokenSelection  # noqa: E402
 from sae.stream import eval_batches, split_examples  # noqa: E402
@@ -75,13 +75,15 @@ def measure(sae, recon, acts, train_ids, val_ids, seed):
     ex = example_features(sae, acts, TokenSelection(acts, "distinct"), "content")
     cv = {name: cross_validated_accuracy(x, acts.labels, CV_FOLDS, seed)
           for name, x in (("max", ex.max_NM), ("mean", ex.mean_NM), ("raw", ex.mean_ND))}
+    covered_by_means = len(labels_covered(*auroc(ex.mean_NM, acts.labels), lab["auroc_threshold"]))
     content = TokenSelection(acts, "content", [val_ids])
     x = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, content)])
     with torch.no_grad():
         err = (x.double() - recon(x).double()).pow(2).sum()
     nmse = float(err / (x.double() - x.double().mean(0)).pow(2).sum())
     return {"covered": lab["labels_covered"], "n_labels": lab["n_labels"], "probe": lab["probe_sae_accuracy"],
-            "probe_means": lab["probe_sae_mean_accuracy"], "raw": lab["probe_raw_accuracy"], "cv": cv,
+            "covered_by_means": covered_by_means, "probe_means": lab["probe_sae_mean_accuracy"],
+            "raw": lab["probe_raw_accuracy"], "cv": cv,
             "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
 
 
@@ -111,8 +113,8 @@ def one_seed(acts_path, work, seed):
     print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), {len(val_ids)} validation "
           f"examples, raw probe {100 * raw:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
-        print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']}; mean best AUROC "
-              f"{r['mean_best_auroc']:.3f}; probe on maxima {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw), "
+        print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']} ({r['covered_by_means']} by mean "
+              f"codes); mean best AUROC {r['mean_best_auroc']:.3f}; probe on maxima {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw), "
               f"on means {100 * r['probe_means']:.1f}% ({r['probe_means'] / raw:.2f}); {CV_FOLDS}-fold over all "
               f"examples: maxima {100 * r['cv']['max']:.1f}%, means {100 * r['cv']['mean']:.1f}%, raw "
               f"{100 * r['cv']['raw']:.1f}%; content normalized MSE {r['content_nmse']:.4f}", flush=True)
@@ -133,10 +135,11 @@ def main():
     results = [one_seed(acts_path, work, seed) for seed in seeds]
     ours, theirs, raws = zip(*results)
     for name, rs in (("train_sae.py", ours), ("HypotheSAEs", theirs)):
-        covered = [r["covered"] for r in rs]
+        covered, by_means = [r["covered"] for r in rs], [r["covered_by_means"] for r in rs]
         maxima, means = (np.mean([r[key] for r in rs]) / np.mean(raws) for key in ("probe", "probe_means"))
         cv = {k: np.mean([r["cv"][k] for r in rs]) for k in ("max", "mean", "raw")}
-        print(f"{name:<13} mean over seeds: labels covered {np.mean(covered):.1f} (runs {covered}); probe on maxima "
+        print(f"{name:<13} mean over seeds: labels covered {np.mean(covered):.1f} (runs {covered}), by mean codes "
+              f"{np.mean(by_means):.1f} (runs {by_means}); probe on maxima "
               f"{maxima:.2f} of raw, on means {means:.2f} (ratios of the mean accuracies; {CV_FOLDS}-fold over all "
               f"examples: {cv['max'] / cv['raw']:.2f} and {cv['mean'] / cv['raw']:.2f}); content normalized MSE "
               f"{np.mean([r['content_nmse'] for r in rs]):.4f}")
