@@ -35,7 +35,7 @@ from sae.metrics import reconstruction_metrics
 from sae.provenance import differences, make_record
 from sae.model import SparseAutoencoder, check_config, default_prefixes
 from sae.files import NO_SPACE, Busy, checkpoint_path, lock_output, unfinished_path, unwritable, write_text_atomic
-from sae.features import label_metrics
+from sae.features import example_features, label_metrics
 from sae.selection import TOKEN_SELECTIONS, TokenSelection
 from sae.step import pick_step
 from sae.stream import MixingStream, NonFiniteActivations, count_tokens, init_sample, split_examples
@@ -312,7 +312,8 @@ for name, r in final["by_token_kind"].items():
 
 if acts.labels is not None:
     t0 = time.time()
-    metrics["labels"] = lab = label_metrics(sae, acts, train_ids, val_ids, TRAIN_TOKENS, device)
+    ex = example_features(sae, acts, TokenSelection(acts, TRAIN_TOKENS), "content", device)  # content maxima
+    metrics["labels"] = lab = label_metrics(ex, acts.labels, train_ids, val_ids)
     print(f"Labels: {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC >= "
           f"{lab['auroc_threshold']} (mean best AUROC per feature {lab['mean_best_auroc']:.3f}); linear probe on "
           f"{lab['probe_val_examples']} validation examples: SAE feature maxima {100 * lab['probe_sae_accuracy']:.1f}%, "

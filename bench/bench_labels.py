@@ -71,8 +71,8 @@ class Theirs:
 def measure(sae, recon, acts, train_ids, val_ids, seed):
     """train_sae.py's label metrics (the same function), the probe cross-validated over all examples, and
     the content normalized MSE on validation."""
-    lab = label_metrics(sae, acts, train_ids, val_ids, "distinct", "cpu")
     ex = example_features(sae, acts, TokenSelection(acts, "distinct"), "content")
+    lab = label_metrics(ex, acts.labels, train_ids, val_ids)
     cv = {name: cross_validated_accuracy(x, acts.labels, CV_FOLDS, seed)
           for name, x in (("max", ex.max_NM), ("mean", ex.mean_NM), ("raw", ex.mean_ND))}
     covered_by_means = len(labels_covered(*auroc(ex.mean_NM, acts.labels), lab["auroc_threshold"]))

@@ -226,18 +226,16 @@ def data_description(label: str | None, label_auroc: float | None, top_tokens: l
     return "From the data: " + ("; ".join(parts) if parts else "no label association and no repeated peak token")
 
 
-def label_metrics(sae, acts, train_ids, val_ids, selection_name, device, threshold=0.8):
-    """What the features say about the labels: the labels that are some feature's own best label at
-    AUROC >= threshold (per-example maxima over content tokens, all examples), and a linear probe on
+def label_metrics(ex: ExampleFeatures, y, train_ids, val_ids, threshold=0.8):
+    """What the features say about the labels y (one per example): the labels that are some feature's own
+    best label at AUROC >= threshold (ex's per-example maxima, all examples), and a linear probe on
     those maxima and on the mean codes against the same probe on mean-pooled raw activations (fitted on
     the training examples, scored on the validation examples). The mean codes are pooled as the raw
     activations are, so their gap to the raw probe is what the SAE loses; the maxima's gap adds what
     reading each feature at its peak loses."""
-    ex = example_features(sae, acts, TokenSelection(acts, selection_name), "content", device)
-    auroc_LM, names = auroc(ex.max_NM, acts.labels)
+    auroc_LM, names = auroc(ex.max_NM, y)
     covered = labels_covered(auroc_LM, names, threshold)
     best = np.nan_to_num(np.nanmax(auroc_LM, axis=0), nan=0.5) if len(names) else np.zeros(0)
-    y = acts.labels
     sae_probe, sae_mean_probe, raw_probe = (probe_accuracy(x[train_ids], y[train_ids], x[val_ids], y[val_ids])
                                             for x in (ex.max_NM, ex.mean_NM, ex.mean_ND))
     return {"n_labels": len(names), "auroc_threshold": threshold, "labels_covered": len(covered),
