@@ -222,9 +222,11 @@ def _kinds_section(metrics: dict) -> list[str]:
     if not kinds:
         return []
     parts = ["<h2>Reconstruction by token kind</h2><p class=muted>Validation tokens; a position that several "
-             "examples share (identical prefix) counted once. Content: user and assistant turns outside "
-             "shared prefixes.</p><table><tr><th>kind</th><th>tokens</th><th>MSE</th>"
-             "<th>normalized MSE</th><th>relative error</th><th>L0</th></tr>"]
+             "examples share (identical prefix) counted once. First: each example's first token, the attention "
+             "sink, whose activation is far larger than the others' (the default selection leaves it out of "
+             "training). Content: user and assistant turns outside shared prefixes.</p>"
+             "<table><tr><th>kind</th><th>tokens</th><th>MSE</th><th>normalized MSE</th><th>relative error</th>"
+             "<th>L0</th></tr>"]
     content = {"content": metrics["content"]} if metrics.get("content") else {}
     for name, r in {**kinds, **content}.items():
         if r.get("tokens"):
