@@ -312,7 +312,7 @@ for name, r in final["by_token_kind"].items():
 
 if acts.labels is not None:
     t0 = time.time()
-    ex = example_features(sae, acts, TokenSelection(acts, TRAIN_TOKENS), "content", device)  # content maxima
+    ex = example_features(sae, acts, TokenSelection(acts, TRAIN_TOKENS), "content", device)  # content maxima and means
     metrics["labels"] = lab = label_metrics(ex, acts.labels, train_ids, val_ids)
     print(f"Labels: {lab['labels_covered']} of {lab['n_labels']} are some feature's own best label at AUROC >= "
           f"{lab['auroc_threshold']} (mean best AUROC per feature {lab['mean_best_auroc']:.3f}); linear probe on "
