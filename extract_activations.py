@@ -290,3 +290,5 @@ if rank == 0:
     write_text_atomic(extract_metrics_path(OUTPUT_DIR), json.dumps(
         {"tokens": processed, "seconds": elapsed, "tokens_per_s": rate, "processes": world, "layers": layers,
          "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device)}, indent=2))
+
+dist.leave()  # under torchrun: exit without the interpreter teardown that can abort (see sae/dist.py)

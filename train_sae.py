@@ -15,7 +15,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 
 from sae.config import answer_help
@@ -271,11 +270,7 @@ if world > 1:  # the rest (final metrics, LM evaluation, files) is rank 0's
              f"rerun without torchrun)")
     print(f"All {world} processes hold the same weights, threshold and dead-feature counters")
     dist.barrier()
-    dist.finish()
-    if rank > 0:  # done: leave at once, since a normal interpreter exit here once aborted in C++ teardown
-        sys.stdout.flush()  # ("terminate called without an active exception"); this rank holds no lock or file
-        sys.stderr.flush()
-        os._exit(0)
+    dist.finish()  # ranks > 0 end here
 
 # ---- final metrics of the best model
 sae.load_state_dict(best_state)
@@ -364,3 +359,5 @@ try:
 except OSError as e:
     fail_if_full(e, path)
     raise
+
+dist.leave()  # under torchrun: exit without the interpreter teardown that can abort (see sae/dist.py)

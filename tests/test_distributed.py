@@ -1,10 +1,12 @@
 """torchrun with 2 CPU processes (gloo) on the tiny model: same extraction, working data-parallel training."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
 
-from conftest import kill_when, make_activations, run_script, tiny_records, write_jsonl
+from conftest import ROOT, kill_when, make_activations, run_script, tiny_records, write_jsonl
 from sae.checkpoint import load_checkpoint
 
 
@@ -75,3 +77,29 @@ def test_run_pipeline_with_nproc_runs_extraction_and_training_on_two_processes(t
                        f"--output_dir={tmp_path / 'acts'}", "--layer_idx=2", "--m=16", "--k=4", "--n_epochs=2",
                        "--eval_lm=False", "--steps=extract,train", "--run_name=p", cwd=tmp_path)
     assert again.stdout.count("up to date, skipped") == 2
+
+
+LEAVE = """
+import atexit, sys
+from sae import dist
+class Teardown:
+    def __del__(self):
+        print("teardown")
+t = Teardown()
+atexit.register(lambda: print("exit handler", end=" "))
+print("written", end=" ")  # not flushed yet: leave() must flush it
+dist.leave()
+print("after leave", end=" ")
+"""
+
+
+def test_leave_runs_exit_handlers_and_skips_the_interpreter_teardown_under_torchrun():
+    def run(**env):
+        base = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as usual
+        return subprocess.run([sys.executable, "-c", LEAVE], capture_output=True, text=True, cwd=ROOT,
+                              env={**base, "PYTHONPATH": ROOT, **env})
+
+    under_torchrun = run(WORLD_SIZE="2", RANK="1")
+    assert (under_torchrun.returncode, under_torchrun.stdout) == (0, "written exit handler ")
+    alone = run(WORLD_SIZE="1")  # without torchrun the script goes on and Python exits as usual
+    assert alone.stdout.split() == ["written", "after", "leave", "exit", "handler", "teardown"]
