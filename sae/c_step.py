@@ -14,12 +14,12 @@ import math
 import os
 import platform
 import shutil
-import stat
 import subprocess
 import tempfile
 
 import torch
 
+from . import cache
 from .model import AUX_COEF, SparseAutoencoder
 from .step import StepResult, TorchStep, pre_activations, torch_step
 
@@ -151,9 +151,8 @@ class CStep(TorchStep):
 
 
 def cache_dir() -> str:
-    """$SAE_KERNEL_CACHE, else $XDG_CACHE_HOME/sae-pipeline, else ~/.cache/sae-pipeline."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("SAE_KERNEL_CACHE") or os.path.join(base, "sae-pipeline")
+    """$SAE_KERNEL_CACHE, else the per-user cache (sae/cache.py)."""
+    return cache.cache_dir("SAE_KERNEL_CACHE")
 
 
 def _cpu_identity() -> str:
@@ -162,16 +161,6 @@ def _cpu_identity() -> str:
             return "".join(line for line in f if line.startswith(("flags", "model name")))
     except OSError:
         return platform.processor()
-
-
-def _private(path: str) -> bool:
-    """Whether path is ours and nobody else can write it (so nobody could have planted a library there)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    owner_ok = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-    return owner_ok and not stat.S_ISLNK(st.st_mode) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def kernel_path(folder: str | None = None, flags: list[str] = FLAGS + THREADING[0]) -> str:
@@ -184,12 +173,7 @@ def kernel_path(folder: str | None = None, flags: list[str] = FLAGS + THREADING[
 
 def _private_folder() -> str:
     """The cache folder when it is ours and others cannot write it, else a new private temporary folder."""
-    folder = cache_dir()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    except OSError:
-        pass
-    return folder if _private(folder) else tempfile.mkdtemp(prefix="sae-kernel-")
+    return cache.private_folder(cache_dir()) or tempfile.mkdtemp(prefix="sae-kernel-")
 
 
 def _build(cc: str, flags: list[str], lib: str) -> str | None:
@@ -223,7 +207,7 @@ def load_c_step(threading_options=THREADING) -> tuple[CStep | None, str | None]:
     for threading_flags in threading_options:
         flags = FLAGS + list(threading_flags)
         lib = kernel_path(folder, flags)
-        if os.path.lexists(lib) and not _private(lib):
+        if os.path.lexists(lib) and not cache.private(lib):
             folder = tempfile.mkdtemp(prefix="sae-kernel-")
             lib = kernel_path(folder, flags)
         if not os.path.exists(lib):

@@ -54,6 +54,66 @@ def make_tiny_model(folder: str, n_layers: int = 4, hidden: int = 32, seed: int 
     return folder
 
 
+# transformers' names of a Llama block's weights -> GGUF's (llama.cpp's convert_hf_to_gguf.py)
+GGUF_BLOCK_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+def make_tiny_gguf(model_folder: str, path: str) -> str:
+    """The tiny model of make_tiny_model written as a float32 GGUF file, as llama.cpp writes a Llama: its
+    hyperparameters, its BPE tokenizer and chat template, and q/k rows permuted to llama.cpp's rotary layout
+    (transformers undoes that when it loads the file)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(model_folder), AutoTokenizer.from_pretrained(model_folder)
+    cfg = model.config
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    tokens = {i: t for t, i in spec["model"]["vocab"].items()} | {a["id"]: a["content"] for a in spec["added_tokens"]}
+    special = {a["id"] for a in spec["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([tokens[i] for i in range(len(tokens))])
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3: control, 1: normal
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+
+    def rotary_layout(w_OI, heads):
+        return w_OI.reshape(heads, 2, w_OI.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(w_OI.shape)
+
+    for name, tensor in model.state_dict().items():
+        a = tensor.numpy().astype("float32")
+        if name == "lm_head.weight":  # tied to the embedding
+            continue
+        if name in ("model.embed_tokens.weight", "model.norm.weight"):
+            w.add_tensor({"model.embed_tokens.weight": "token_embd.weight"}.get(name, "output_norm.weight"), a)
+            continue
+        _, _, block, *part, _ = name.split(".")
+        part = ".".join(part)
+        if part in ("self_attn.q_proj", "self_attn.k_proj"):
+            a = rotary_layout(a, cfg.num_attention_heads if part == "self_attn.q_proj" else cfg.num_key_value_heads)
+        w.add_tensor(f"blk.{block}.{GGUF_BLOCK_NAMES[part]}.weight", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
