@@ -89,6 +89,11 @@ def unloadable(name: str, error: Exception) -> str:
             f"MODEL_NAME at a complete model folder with safetensors weights or at a .gguf file")
 
 
+def _at(auto_class, location: ModelLocation, **kwargs):
+    """auto_class.from_pretrained on exactly what `location` names, never downloading."""
+    return auto_class.from_pretrained(location.path, gguf_file=location.gguf_file, local_files_only=True, **kwargs)
+
+
 _UNWRITTEN = set()  # converted folders that could not be written in this process
 
 
@@ -107,9 +112,7 @@ def _convert_gguf(location: ModelLocation, target: str) -> None:
     `target`: under a temporary name, then renamed, so a folder there is always complete. Errors loading the
     GGUF propagate; OSError means the folder could not be written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(location.path, gguf_file=location.gguf_file, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(location.path, gguf_file=location.gguf_file, local_files_only=True,
-                                                 dtype=torch.float32)
+    tokenizer, model = _at(AutoTokenizer, location), _at(AutoModelForCausalLM, location, dtype=torch.float32)
     model.hf_quantizer = None  # the weights are plain tensors now; transformers refuses to save "quantized" ones
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -152,22 +155,17 @@ def loadable(location: ModelLocation, folder: str | None = None) -> ModelLocatio
 
 def load_config(location: ModelLocation):
     from transformers import AutoConfig
-    location = loadable(location)
-    return AutoConfig.from_pretrained(location.path, gguf_file=location.gguf_file, local_files_only=True)
+    return _at(AutoConfig, loadable(location))
 
 
 def load_tokenizer(location: ModelLocation):
     from transformers import AutoTokenizer
-    location = loadable(location)
-    return AutoTokenizer.from_pretrained(location.path, gguf_file=location.gguf_file, local_files_only=True)
+    return _at(AutoTokenizer, loadable(location))
 
 
 def load_model(location: ModelLocation, device: torch.device, dtype: torch.dtype, device_map=None):
     from transformers import AutoModelForCausalLM
-    location = loadable(location)
-    model = AutoModelForCausalLM.from_pretrained(
-        location.path, gguf_file=location.gguf_file, local_files_only=True, dtype=dtype,
-        device_map=device_map)
+    model = _at(AutoModelForCausalLM, loadable(location), dtype=dtype, device_map=device_map)
     if device_map is None:
         model.to(device)
     return model.eval()
