@@ -77,6 +77,7 @@ TIMEOUT_S = 60.0  # per request
 N_WORKERS = 8  # requests in flight at once
 DEVICE = "auto"  # for running the SAE: "auto", "cpu", "cuda"
 QUIET = False  # no progress bars: for scripts and logs
+FEATURE_TABLE = True  # end with a table of the selected features (run_pipeline.py prints it in its summary instead)
 # ---- outputs
 OUTPUT_CSV = "interpretations.csv"  # one row per selected feature
 REPORT_HTML = "report.html"  # self-contained report (plots inline, no network needed)
@@ -268,11 +269,14 @@ html = render_report(f"SAE features: {acts.meta['model']} layer {acts.meta['laye
 record = make_record("interpret", config, interpretation_inputs(ckpt_path, DATASET_PATH, chat is not None, SWEEP_CSV),
                      complete=chat is None or n_described == len(selected))  # complete: every feature described
 record_path = interpretation_record_path(REPORT_HTML)
+table_heading = (f"Selected features ({len(selected)} of {sae.m}, {selected_by}; share of examples active; "
+                 f"description from {'the LLM' if n_described else 'the data'}):")
 try:  # all outputs, or none: an old report never sits beside a new CSV
     write_all_atomic({OUTPUT_CSV: lambda tmp: pd.DataFrame(rows, columns=CSV_COLUMNS).to_csv(tmp, index=False),
                       REPORT_HTML: text_writer(html),
                       record_path: text_writer(json.dumps({"record": record, "n_selected": len(selected),
-                                                           "n_described": n_described}, indent=2))})
+                                                           "n_described": n_described, "table_heading": table_heading},
+                                                          indent=2))})
 except OSError as e:
     if e.errno not in NO_SPACE:
         raise
@@ -282,9 +286,9 @@ print(f"\nSaved {OUTPUT_CSV} ({len(rows)} features, {n_described} described by a
       f"{len(template_rows)} template features are listed apart in the report")
 
 # ---- the selected features at a glance
-print(f"\nSelected features ({len(selected)} of {sae.m}, {selected_by}; share of examples active; description "
-      f"from {'the LLM' if n_described else 'the data'}):")
-print("\n".join(feature_table((f, prevalence[f], features[f].description) for f in selected)))
+if FEATURE_TABLE:
+    print(f"\n{table_heading}")
+    print("\n".join(feature_table((f, prevalence[f], features[f].description) for f in selected)))
 if unreachable:
     fail(f"could not reach the LLM server at {chat.url} after {MAX_RETRIES} retries; the outputs without "
          f"LLM descriptions were written ({OUTPUT_CSV}, {REPORT_HTML}); check OPENAI_BASE_URL and rerun")

@@ -228,6 +228,7 @@ for cell in to_interpret if "interpret" in steps else []:
         outputs = {k: f"{os.path.splitext(v)[0]}_{cell.name}{os.path.splitext(v)[1]}" for k, v in outputs.items()}
     cfg, step_args = with_settings("interpret", {**cell_settings(cell), "SAE_CHECKPOINT": ckpt_of(cell),
                                                  "DATASET_PATH": dataset, **outputs,
+                                                 "FEATURE_TABLE": False,  # the summary ends with it
                                                  **({"SWEEP_CSV": sweep_csv} if is_sweep else {})})
     what = f" {cell.name}" if is_sweep else ""
     reason = None
@@ -284,5 +285,5 @@ if os.path.isfile(interpretation_record_path(html)):
           f"{record.get('n_selected', 0)} selected features described by an LLM")
     table = readable(pd.read_csv, csv_path) if os.path.isfile(csv_path) else None
     if table is not None and {"neuron_idx", "prevalence", "interpretation"} <= set(table.columns):
-        print(f"\nSelected features ({len(table)}; share of examples active; description):")
+        print("\n" + record.get("table_heading", f"Selected features ({len(table)}; share of examples active; description):"))
         print("\n".join(feature_table(zip(table.neuron_idx, table.prevalence, table.interpretation.astype(str)))))

@@ -19,7 +19,7 @@ from .data import sha256_file
 
 # Settings that never change a step's output (batching does not change the activations): they are not
 # recorded, so changing them neither makes an output stale nor stops an interrupted run from continuing.
-NO_EFFECT = {"extract": ("BATCH_TOKENS",), "train": ("RESUME",), "interpret": ()}
+NO_EFFECT = {"extract": ("BATCH_TOKENS",), "train": ("RESUME",), "interpret": ("FEATURE_TABLE",)}
 # Settings an interrupted run may change when it continues: they act after the work done so far (how long
 # to go on, where to run, what to measure and write at the end). They still make a finished output stale.
 MAY_CHANGE_WHEN_CONTINUING = {"extract": (), "interpret": (),

@@ -20,7 +20,8 @@ def test_pipeline_end_to_end_then_skips_then_reruns_what_changed(tiny_model, tmp
     assert first.stdout.count("skipped") == 0 and "==== summary" in first.stdout
     assert "val normalized MSE" in first.stdout and "5 selected features" in first.stdout
     summary = first.stdout[first.stdout.index("==== summary"):]
-    table = summary[summary.index("Selected features (5;"):].splitlines()[1:]
+    assert first.stdout.count("Selected features (") == 1, "the table once, in the summary"
+    table = summary[summary.index("Selected features (5 of 16, content features by label association;"):].splitlines()[1:]
     assert len(table) == 5 and all("% active): From the data: " in line for line in table), "it ends with the table"
 
     f = np.load(tmp_path / "acts" / "activations_layer2.npz", allow_pickle=False)
