@@ -68,7 +68,7 @@ QUIET = False  # no progress bars and no per-epoch lines: for scripts and logs
 EXPORT_SAELENS = True  # also write cfg.json + sae_weights.safetensors for SAELens (TopK; BatchTopK as JumpReLU)
 # ---- evaluation with the model in the loop
 EVAL_LM = True  # next-token loss with the layer's output replaced by the SAE's reconstruction, on validation examples
-EVAL_MAX_EXAMPLES = 30  # validation examples used for it (each runs the whole model 4 times)
+EVAL_MAX_EXAMPLES = 30  # validation examples used for it (each runs the whole model once, and 3 times from the layer on)
 EVAL_BATCH_TOKENS = 2048  # token budget of one padded batch there (logits are batch × vocabulary)
 # -----------------------------------------------------------------------------
 config = configure(globals(), also={"MATRYOSHKA_PREFIXES": (list,), "AUX_K": (int,)})

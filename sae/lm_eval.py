@@ -1,5 +1,6 @@
 """The SAE in the model: next-token loss with a decoder block's output replaced by the SAE's
-reconstruction (or by zeros, or by the mean), beside the clean model."""
+reconstruction (or by zeros, or by the mean), beside the clean model. The three replaced passes start
+from the clean pass's output of that block, so the blocks before it run once per batch, not four times."""
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -9,32 +10,48 @@ from .lm import decoder_blocks
 
 
 @torch.no_grad()
-def next_token_loss(model, input_ids, attention_mask, layer: int, replace=None, replace_mask=None, clean_logp=None):
-    """Summed next-token cross-entropy, number of predictions, summed KL(clean ‖ this run) when
-    `clean_logp` is given, and this run's log-probabilities. With `replace`, the output of decoder block
-    `layer` at the positions in `replace_mask` (B, T) is replaced by replace(h_ND) before the rest of the
-    model runs. The whole model runs: the loss needs every block and the LM head."""
-    handle = None
-    if replace is not None:
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h = h.clone()
-            h[replace_mask] = replace(h[replace_mask].float()).to(h.dtype)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-        handle = decoder_blocks(model)[layer].register_forward_hook(hook)
+def next_token_loss(model, input_ids, attention_mask, layer: int, block_output=None, clean_logp=None):
+    """Summed next-token cross-entropy over the real positions, their number, summed KL(clean ‖ this run)
+    when `clean_logp` is given, this run's log-probabilities (n, V) and the output of decoder block
+    `layer` as (h (B, T, D), the rest of the block's output tuple or None).
+
+    With `block_output` (such a pair), blocks 0..layer do no work and block `layer` returns it: the rest
+    of the model runs from there. A pass that changes only that block's output so costs the blocks after
+    it, and gives what hooking the block in a whole pass would, since blocks 0..layer see the same input."""
+    blocks, captured = decoder_blocks(model)[:layer + 1], {}
+    if block_output is None:
+        def capture(module, args, output):
+            captured["h"] = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+        handles, saved = [blocks[layer].register_forward_hook(capture)], []
+    else:
+        h, rest = block_output
+        out = h if rest is None else (h, *rest)
+        handles, saved = [], [block.__dict__.get("forward") for block in blocks]  # accelerate's hooks live there
+        for block in blocks:
+            block.forward = lambda *args, **kwargs: out
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    ce = nll[valid].sum().item()
-    kl = None
-    if clean_logp is not None:
-        kl = (clean_logp.exp() * (clean_logp - logp)).sum(-1)[valid].sum().item()
-    return ce, int(valid.sum()), kl, logp
+    logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+    ce = -logp.gather(-1, input_ids[:, 1:][valid][:, None]).sum().item()
+    kl = None if clean_logp is None else (clean_logp.exp() * (clean_logp - logp)).sum().item()
+    return ce, int(valid.sum()), kl, logp, captured.get("h", block_output)
+
+
+def replaced(block_output, where, fn):
+    """The block output with h at the positions in `where` (B, T) replaced by fn(h) (computed in float32)."""
+    h, rest = block_output
+    h = h.clone()
+    h[where] = fn(h[where].float()).to(h.dtype)
+    return h, rest
 
 
 def evaluate_lm(model, examples, layer: int, recon_fn, mean_D, batch_tokens: int = 2048, progress: bool = False) -> dict:
@@ -49,17 +66,18 @@ def evaluate_lm(model, examples, layer: int, recon_fn, mean_D, batch_tokens: int
     ablations = {"sae": recon_fn, "zero": lambda h: torch.zeros_like(h),
                  "mean": lambda h: mean_D.to(h.device, h.dtype).expand_as(h)}
     batches = length_batches(lengths, batch_tokens)
-    for batch in tqdm(batches, desc="LM evaluation (4 forward passes per batch)", leave=False,
+    for batch in tqdm(batches, desc="LM evaluation (a clean pass and 3 from the layer on, per batch)", leave=False,
                       disable=None if progress else True):  # None: shown on a terminal
         ids, mask = pad_right([examples[i][0] for i in batch])
         where, _ = pad_right([examples[i][1] for i in batch], False, torch.bool)
         ids, mask, where = ids.to(device), mask.to(device), where.to(device)
-        ce, n, _, clean_logp = next_token_loss(model, ids, mask, layer)
+        ce, n, _, clean_logp, block_output = next_token_loss(model, ids, mask, layer)
         totals["clean"] += ce
         n_pred += n
         n_replaced += int(where.sum())
         for name, fn in ablations.items():
-            ce, _, kl, _ = next_token_loss(model, ids, mask, layer, fn, where, clean_logp if name == "sae" else None)
+            ce, _, kl, _, _ = next_token_loss(model, ids, mask, layer, replaced(block_output, where, fn),
+                                              clean_logp if name == "sae" else None)
             totals[name] += ce
             if name == "sae":
                 totals["kl"] += kl

@@ -28,27 +28,37 @@ def test_identity_sae_loses_nothing(model_and_examples):
     assert out["kl_sae"] == pytest.approx(0, abs=1e-7) and out["ce_zero"] != out["ce_clean"]
 
 
-def test_zero_ablation_matches_a_hand_made_forward(model_and_examples):
+def test_each_replaced_pass_matches_a_hand_made_whole_forward(model_and_examples):
+    """The replaced passes start from the clean pass's block output; a whole forward with a hook on the
+    block, run example by example, is the reference for their losses and the KL."""
     model, examples = model_and_examples
-    out = lm_eval.evaluate_lm(model, examples, 1, lambda h: h, torch.zeros(32), batch_tokens=64)
-    total = count = 0
+    recon, mean_D = (lambda h: 0.5 * h + 0.1), torch.linspace(-1, 1, 32)
+    out = lm_eval.evaluate_lm(model, examples, 1, recon, mean_D, batch_tokens=64)
+    blocks = model.model.layers
+    assert not any("forward" in block.__dict__ for block in blocks), "the blocks' own forward is back"
+    fills = {"sae": recon, "zero": torch.zeros_like, "mean": lambda h: mean_D.expand_as(h)}
+    total, kl, count = dict.fromkeys(fills, 0.0), 0.0, 0
     for ids, replace in examples:
-        mask = torch.from_numpy(replace)
-
-        def zero(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h = h.clone()
-            h[0, mask] = 0
-            return h
-
-        handle = model.model.layers[1].register_forward_hook(zero)
+        mask, x = torch.from_numpy(replace), torch.from_numpy(ids.astype(np.int64))[None]
         with torch.no_grad():
-            logits = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0]
-        handle.remove()
-        target = torch.from_numpy(ids[1:].astype(np.int64))
-        total += F.cross_entropy(logits[:-1], target, reduction="sum").item()
-        count += len(target)
-    assert out["ce_zero"] == pytest.approx(total / count, rel=1e-5)
+            clean = model(x).logits[0, :-1].log_softmax(-1)
+        for name, fill in fills.items():
+            def hook(module, args, output):
+                h = (output[0] if isinstance(output, tuple) else output).clone()
+                h[0, mask] = fill(h[0, mask])
+                return h
+
+            handle = blocks[1].register_forward_hook(hook)
+            with torch.no_grad():
+                logp = model(x).logits[0, :-1].log_softmax(-1)
+            handle.remove()
+            total[name] += F.nll_loss(logp, x[0, 1:], reduction="sum").item()
+            if name == "sae":
+                kl += (clean.exp() * (clean - logp)).sum().item()
+        count += len(ids) - 1
+    for name in fills:
+        assert out[f"ce_{name}"] == pytest.approx(total[name] / count, rel=1e-5), name
+    assert out["kl_sae"] == pytest.approx(kl / count, rel=1e-4) and out["kl_sae"] > 0
     assert out["predictions"] == count
 
 
