@@ -11,7 +11,8 @@ import pytest
 
 # The suite's xdist workers share the machine's cores: one thread each, in the worker and in the scripts it
 # starts (they inherit this), so that OpenMP threads spinning for one process do not hold the cores the
-# other needs (on the 2-core Zen 3 it took the suite from 19 min 8 s to 10 min 41 s). Tests of the threaded paths set their own.
+# other needs (on the 2-core Zen 3 it took the suite from 19 min 8 s to 10 min 41 s). Tests of the
+# threaded paths set their own thread counts.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402  (after the thread count is set)
