@@ -1,12 +1,45 @@
 """The SAE in the model: next-token loss with a decoder block's output replaced by the SAE's
 reconstruction (or by zeros, or by the mean), beside the clean model. The three replaced passes start
 from the clean pass's output of that block, so the blocks before it run once per batch, not four times."""
+import contextlib
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .forward import length_batches, pad_right
 from .lm import decoder_blocks
+
+
+@contextlib.contextmanager
+def _capturing(block, captured: dict):
+    """Within: each output of `block` is kept in captured["h"] as (h, the rest of its output tuple or None)."""
+    def capture(module, args, output):
+        captured["h"] = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
+    handle = block.register_forward_hook(capture)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _returning(blocks, block_output):
+    """Within: `blocks` do no work and each returns block_output (h, rest), so the model runs on from the
+    last of them. Their own `forward` (where accelerate keeps its hooks) is put back afterwards."""
+    h, rest = block_output
+    out = h if rest is None else (h, *rest)
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = lambda *args, **kwargs: out
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 @torch.no_grad()
@@ -18,32 +51,14 @@ def next_token_loss(model, input_ids, attention_mask, layer: int, block_output=N
     With `block_output` (such a pair), blocks 0..layer do no work and block `layer` returns it: the rest
     of the model runs from there. A pass that changes only that block's output so costs the blocks after
     it, and gives what hooking the block in a whole pass would, since blocks 0..layer see the same input."""
-    blocks, captured = decoder_blocks(model)[:layer + 1], {}
-    if block_output is None:
-        def capture(module, args, output):
-            captured["h"] = (output[0], output[1:]) if isinstance(output, tuple) else (output, None)
-        handles, saved = [blocks[layer].register_forward_hook(capture)], []
-    else:
-        h, rest = block_output
-        out = h if rest is None else (h, *rest)
-        handles, saved = [], [block.__dict__.get("forward") for block in blocks]  # accelerate's hooks live there
-        for block in blocks:
-            block.forward = lambda *args, **kwargs: out
-    try:
+    blocks, captured = decoder_blocks(model)[:layer + 1], {"h": block_output}
+    with _capturing(blocks[layer], captured) if block_output is None else _returning(blocks, block_output):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-        for block, forward in zip(blocks, saved):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
     logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
     ce = -logp.gather(-1, input_ids[:, 1:][valid][:, None]).sum().item()
     kl = None if clean_logp is None else (clean_logp.exp() * (clean_logp - logp)).sum().item()
-    return ce, int(valid.sum()), kl, logp, captured.get("h", block_output)
+    return ce, int(valid.sum()), kl, logp, captured["h"]
 
 
 def replaced(block_output, where, fn):
