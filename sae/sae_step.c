@@ -77,6 +77,7 @@ typedef struct {
     float c_main, c_aux;
     int64_t *start, *ent_src, *ent_row, *fbounds; /* entries grouped by feature, features per thread */
     float *ent_val, *ent_g;
+    int64_t *row_idx; float *row_w; /* T×(J+A): per thread, the rows rows_sum adds for one token */
 } Ctx;
 
 static inline int64_t chunk_of(const Step *s, int64_t f) {
@@ -85,14 +86,56 @@ static inline int64_t chunk_of(const Step *s, int64_t f) {
     return c;
 }
 
+/* Eight floats as one value (GCC's and clang's vector extension): an AVX register, or two SSE ones.
+ * Written out because the compiler, left to vectorise the loops below itself, vectorised across rows with
+ * gathers and kept the partial sums in memory. */
+typedef float vec8 __attribute__((vector_size(32)));
+enum { BLOCK = 64, LANES = 8, VECS = BLOCK / LANES };  /* floats a block of partial sums holds */
+
+static inline vec8 load8(const float *p) { vec8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, vec8 v) { memcpy(p, &v, sizeof v); }
+static inline vec8 splat8(float a) { return (vec8){a, a, a, a, a, a, a, a}; }
+
+/* Σ a·b with BLOCK independent partial sums: one running sum is a chain of dependent adds, each waiting
+ * on the last one's latency */
 static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float acc = 0.f;
-    for (int64_t i = 0; i < n; i++) acc += a[i] * b[i];
-    return acc;
+    vec8 acc[VECS];
+    for (int u = 0; u < VECS; u++) acc[u] = splat8(0.f);
+    int64_t i = 0;
+    for (; i + BLOCK <= n; i += BLOCK)
+        for (int u = 0; u < VECS; u++) acc[u] += load8(a + i + LANES * u) * load8(b + i + LANES * u);
+    float sum = 0.f;
+    for (; i < n; i++) sum += a[i] * b[i];
+    for (int u = 1; u < VECS; u++) acc[0] += acc[u];
+    for (int l = 0; l < LANES; l++) sum += acc[0][l];
+    return sum;
 }
 
 static inline void axpy(float *restrict y, float a, const float *restrict x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* y = base + Σ_i w[i]·mat[rows[i]] over D columns (base NULL: 0). BLOCK columns of y at a time stay in
+ * registers while the rows are added, so y is stored once instead of once per row (an axpy per row was
+ * bound by those stores); each element still sums in the order of the rows, as the axpys did. */
+static void rows_sum(float *restrict y, const float *restrict base, const float *restrict mat, const int64_t *rows,
+                     const float *w, int64_t n, int64_t D) {
+    int64_t d = 0;
+    for (; d + BLOCK <= D; d += BLOCK) {
+        vec8 acc[VECS];
+        for (int u = 0; u < VECS; u++) acc[u] = base ? load8(base + d + LANES * u) : splat8(0.f);
+        for (int64_t i = 0; i < n; i++) {
+            const float *r = mat + rows[i] * D + d;
+            vec8 wi = splat8(w[i]);
+            for (int u = 0; u < VECS; u++) acc[u] += wi * load8(r + LANES * u);
+        }
+        for (int u = 0; u < VECS; u++) store8(y + d + LANES * u, acc[u]);
+    }
+    for (; d < D; d++) {
+        float acc = base ? base[d] : 0.f;
+        for (int64_t i = 0; i < n; i++) acc += w[i] * mat[rows[i] * D + d];
+        y[d] = acc;
+    }
 }
 
 static inline float *col(Ctx *c, int64_t t, int which) { return c->col + (t * N_COL + which) * c->s->D; }
@@ -174,7 +217,8 @@ static void per_token(Ctx *c, int64_t t) {
     int64_t B = s->B, D = s->D, J = s->J, P = s->P, A = c->A;
     float *colx = col(c, t, COL_X), *cole = col(c, t, COL_E), *colg = col(c, t, COL_G);
     memset(colx, 0, 3 * D * sizeof(float));
-    float *cand = c->cand + t * s->M;
+    float *cand = c->cand + t * s->M, *w = c->row_w + t * (J + A);
+    int64_t *rows = c->row_idx + t * (J + A);  /* a token's rows to sum and their weights */
     for (int64_t b = B * t / c->T; b < B * (t + 1) / c->T; b++) {
         const float *x = s->xc + b * D, *pre = s->pre + b * s->M;
         int64_t *ib = s->idx + b * J;
@@ -187,9 +231,10 @@ static void per_token(Ctx *c, int64_t t) {
         const float *prev = x;
         for (int64_t p = 0; p < P; p++) {
             float *e = c->E + (s->grads ? p * B + b : t * P + p) * D;  /* evaluation keeps no rows */
-            memcpy(e, prev, D * sizeof(float));
+            int64_t n = 0;
             for (int64_t j = 0; j < J; j++)
-                if (vb[j] > 0.f && chunk_of(s, ib[j]) == p) axpy(e, -vb[j], s->W_dec + ib[j] * D, D);
+                if (vb[j] > 0.f && chunk_of(s, ib[j]) == p) { rows[n] = ib[j]; w[n++] = -vb[j]; }
+            rows_sum(e, prev, s->W_dec, rows, w, n, D);
             ss[1 + p] = dot(e, e, D);
             prev = e;
         }
@@ -202,12 +247,13 @@ static void per_token(Ctx *c, int64_t t) {
             float *va = c->aux_vals + b * A, *ea = c->E + (P * B + b) * D;
             for (int64_t i = 0; i < c->n_dead; i++) cand[i] = pre[c->dead_list[i]];
             heap_top_n(cand, c->n_dead, A, ia, va);
-            memcpy(ea, prev, D * sizeof(float));
+            int64_t n = 0;
             for (int64_t a = 0; a < A; a++) {
                 ia[a] = c->dead_list[ia[a]];
                 va[a] = va[a] > 0.f ? va[a] : 0.f;
-                if (va[a] > 0.f) axpy(ea, -va[a], s->W_dec + ia[a] * D, D);
+                if (va[a] > 0.f) { rows[n] = ia[a]; w[n++] = -va[a]; }
             }
+            rows_sum(ea, prev, s->W_dec, rows, w, n, D);
             ss[P + 1] = dot(ea, ea, D);
             for (int64_t d = 0; d < D; d++) cole[d] += prev[d];
             for (int64_t a = 0; a < A; a++)
@@ -307,13 +353,10 @@ static void per_feature(Ctx *c, int64_t t) {
     memset(wb, 0, D * sizeof(float));
     for (int64_t f = c->fbounds[t]; f < c->fbounds[t + 1]; f++) {
         float *wd = s->g_W_dec + f * D, *we = s->g_W_enc + f * D, gb = 0.f;
-        memset(wd, 0, D * sizeof(float));
-        memset(we, 0, D * sizeof(float));
-        for (int64_t k = c->start[f]; k < c->start[f + 1]; k++) {
-            axpy(wd, c->ent_val[k], c->E + c->ent_src[k] * D, D);
-            axpy(we, c->ent_g[k], s->xc + c->ent_row[k] * D, D);
-            gb += c->ent_g[k];
-        }
+        int64_t k0 = c->start[f], n = c->start[f + 1] - k0;
+        rows_sum(wd, NULL, c->E, c->ent_src + k0, c->ent_val + k0, n, D);
+        rows_sum(we, NULL, s->xc, c->ent_row + k0, c->ent_g + k0, n, D);
+        for (int64_t k = k0; k < k0 + n; k++) gb += c->ent_g[k];
         s->g_b_enc[f] = gb;
         if (c->start[f + 1] == c->start[f])
             continue;
@@ -371,9 +414,11 @@ int sae_step(const Step *s) {
     c.ent_row = malloc((n_ent + 1) * sizeof(int64_t));
     c.ent_val = malloc((n_ent + 1) * sizeof(float));
     c.ent_g = malloc((n_ent + 1) * sizeof(float));
+    c.row_idx = malloc(c.T * (s->J + A) * sizeof(int64_t));
+    c.row_w = malloc(c.T * (s->J + A) * sizeof(float));
     int rc = -1;
     if (c.E && c.gpre && c.aux_idx && c.aux_vals && c.aux_g && c.ss && c.col && c.sq && c.start && c.fill && c.cand
-        && c.fbounds        && c.ent_src && c.ent_row && c.ent_val && c.ent_g) {
+        && c.fbounds && c.ent_src && c.ent_row && c.ent_val && c.ent_g && c.row_idx && c.row_w) {
         /* PyTorch's own OpenMP runtime and thread team (the library is linked against the libgomp that
          * torch has loaded): no second pool competing for the cores */
         #pragma omp parallel num_threads((int)c.T)
@@ -399,7 +444,7 @@ int sae_step(const Step *s) {
     }
     free(c.dead_list); free(c.E); free(c.gpre); free(c.aux_idx); free(c.aux_vals); free(c.aux_g);
     free(c.ss); free(c.col); free(c.sq); free(c.start); free(c.fill); free(c.cand); free(c.fbounds);
-    free(c.ent_src); free(c.ent_row); free(c.ent_val); free(c.ent_g);
+    free(c.ent_src); free(c.ent_row); free(c.ent_val); free(c.ent_g); free(c.row_idx); free(c.row_w);
     return rc;
 }
 
