@@ -111,17 +111,19 @@ def test_forward_equals_decode_of_encode(batch_topk):
 
 
 @pytest.mark.parametrize("step", ["pytorch", "C"])
-@pytest.mark.parametrize("prefixes,batch_topk,dead_every", [(None, False, 3), ([8, 32], False, 3),
-                                                            ([4, 16, 32], False, 3), ([8, 32], True, 3),
-                                                            ([8, 32], False, 11)])
-def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, dead_every, step,
+@pytest.mark.parametrize("prefixes,batch_topk,dead_every,d", [(None, False, 3, 12), ([8, 32], False, 3, 12),
+                                                              ([4, 16, 32], False, 3, 12), ([8, 32], True, 3, 12),
+                                                              ([8, 32], False, 11, 12), ([8, 32], False, 3, 150),
+                                                              ([8, 32], True, 3, 150)])
+def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, dead_every, d, step,
                                                                         request):
     """Both training steps against autograd on the dense formulas; the decoder gradient rows lose their
     component along the (unit) decoder rows. Every third feature dead turns aux-K on; every eleventh leaves
-    3 dead features, fewer than aux_k = 8."""
-    sae = make(prefixes=prefixes, batch_topk=batch_topk)
+    3 dead features, fewer than aux_k = 8. d=150 takes the C step's vector blocks of 64 columns twice and
+    its column-by-column tail (22 columns); d=12 only the tail."""
+    sae = make(prefixes=prefixes, batch_topk=batch_topk, d=d)
     sae.steps_since_fired[::dead_every] = 10_000
-    x = torch.randn(40, 12) * 3
+    x = torch.randn(40, d) * 3
     dead = sae.dead_mask()
     dense = dense_reference_loss(sae, x, dead)
     dense_grads = list(torch.autograd.grad(dense, list(sae.parameters())))
