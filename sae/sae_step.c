@@ -358,7 +358,7 @@ static void per_feature(Ctx *c, int64_t t) {
         rows_sum(we, NULL, s->xc, c->ent_row + k0, c->ent_g + k0, n, D);
         for (int64_t k = k0; k < k0 + n; k++) gb += c->ent_g[k];
         s->g_b_enc[f] = gb;
-        if (c->start[f + 1] == c->start[f])
+        if (n == 0)
             continue;
         const float *w = s->W_dec + f * D, *v = s->W_enc + f * D;
         axpy(wd, -dot(wd, w, D), w, D);
