@@ -12,6 +12,8 @@ not the weights, sets the speed), extraction and SAE training measured side by s
    encoder / top-k / decoder and gradients / optimizer (PyTorch profiler over the PyTorch step, the one GPUs
    run); against HypotheSAEs' SparseAutoencoder.fit on the same device (its whole training set must sit on the
    device, so it gets the first HYPOTHESAES_TOKENS rows) when `pip install --no-deps hypothesaes` was done.
+   The step's phases run first, then Matryoshka and HypotheSAEs, then TopK and BatchTopK, so that a run cut
+   short by its time limit has measured the most telling figures first.
 
     python bench/bench_gpu.py                      # the Llama-3.1-8B shape on a GPU; a reduced shape on a CPU
     python bench/bench_gpu.py --shape=reduced      # the reduced shape anywhere (what CI runs)
@@ -56,7 +58,8 @@ SHAPES = {
                 "examples": 24, "reference_examples": 24, "layers": ([3], [1, 3, 4]), "batch_tokens": 8192,
                 "m": 512, "k": 16, "train_tokens": 60_000, "batch_size": 512, "hypothesaes_tokens": 60_000},
 }
-VARIANTS = {"TopK": ["--use_matryoshka=False"], "Matryoshka": ["--use_matryoshka=True"],
+# in the order they run: Matryoshka first, as HypotheSAEs (which runs right after it) trains it
+VARIANTS = {"Matryoshka": ["--use_matryoshka=True"], "TopK": ["--use_matryoshka=False"],
             "BatchTopK": ["--use_matryoshka=False", "--use_batch_topk=True"]}
 WORDS = ("I was about to send the message when it struck me that the plan rested on a guess about what she "
          "wanted so I went back to the notes and asked myself which parts I had checked and which I had only "
@@ -224,23 +227,55 @@ def step_phases(acts, m, k, batch_size, device, n_steps=15) -> tuple[dict, float
     return phases, (time.perf_counter() - t0) / n_steps * 1000, waited / n_steps * 1000
 
 
+def train_variant(path: str, name: str, shape: dict, work: str, device: torch.device) -> dict:
+    """train_sae.py for one variant, one epoch over the file: its rates, peak GPU memory and normalized MSE."""
+    run("train_sae.py", f"--activations_path={path}", f"--run_name=bench_gpu_{name}", f"--m={shape['m']}",
+        f"--k={shape['k']}", f"--batch_size={shape['batch_size']}", "--n_epochs=1", "--patience=1",
+        "--train_tokens=all", "--eval_lm=False", "--export_saelens=False", f"--device={device.type}",
+        f"--bf16={device.type == 'cuda'}", *VARIANTS[name], cwd=work)
+    with open(os.path.join(work, "checkpoints", f"bench_gpu_{name}", "metrics.json")) as f:
+        metrics = json.load(f)
+    r = {key: metrics[key] for key in ("train_loop_tokens_per_s", "train_tokens_per_s", "peak_gpu_memory_bytes",
+                                       "val_nmse")}
+    print(f"training {name:>10}: {r['train_loop_tokens_per_s']:,.0f} tokens/s in the steps "
+          f"({r['train_tokens_per_s']:,.0f} with validation and saving), peak GPU "
+          f"{gib(r['peak_gpu_memory_bytes'])}, val normalized MSE {r['val_nmse']:.4f}", flush=True)
+    return r
+
+
+def train_peer(acts, shape: dict, device: torch.device, ours: dict) -> dict:
+    """HypotheSAEs' SparseAutoencoder.fit (Matryoshka) on the file's first rows, held on the device, against
+    ours (Matryoshka); {"skipped": why} when it is not installed."""
+    try:
+        from peer import load_hypothesaes
+        hs = load_hypothesaes()
+    except SystemExit as e:  # not installed: said in the output, the rest stands
+        print(f"HypotheSAEs: skipped ({e})")
+        return {"skipped": str(e)}
+    n = min(shape["hypothesaes_tokens"], acts.n_tokens)
+    x = torch.from_numpy(acts.read_rows(0, n)).to(device).float()
+    split = int(0.9 * n)
+    peak_reset(device)
+    theirs = hs.SparseAutoencoder(acts.d, shape["m"], shape["k"], prefix_lengths=default_prefixes(shape["m"]),
+                                  device=str(device))
+    t0 = time.time()
+    theirs.fit(x[:split], x[split:], batch_size=shape["batch_size"], learning_rate=5e-4, n_epochs=1, patience=2,
+               show_progress=False)
+    runtime.synchronize(device)
+    peer = {"tokens_per_s": split / (time.time() - t0), "tokens": split,
+            "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device), "variant": "Matryoshka"}
+    print(f"HypotheSAEs (Matryoshka, {peer['tokens']:,} tokens in memory, validation included): "
+          f"{peer['tokens_per_s']:,.0f} tokens/s, peak GPU {gib(peer['peak_gpu_memory_bytes'])}; ours (Matryoshka, "
+          f"validation and saving included) / theirs: {ours['train_tokens_per_s'] / peer['tokens_per_s']:.2f}x",
+          flush=True)
+    return peer
+
+
 def training(path: str, shape: dict, work: str, device: torch.device, save) -> dict:
-    """train_sae.py for each variant (one epoch over the file), the step's phases, then HypotheSAEs on the same
-    rows when installed; each result is printed and saved (save(out)) as soon as it is measured."""
+    """The step's phases first (seconds, and what a GPU run cut short needs most: where the step's time goes),
+    then train_sae.py for each variant, HypotheSAEs right after ours in its variant (Matryoshka); each result is
+    printed and saved (save(out)) as soon as it is measured."""
     out = {}
-    for name, flags in VARIANTS.items():
-        run("train_sae.py", f"--activations_path={path}", f"--run_name=bench_gpu_{name}", f"--m={shape['m']}",
-            f"--k={shape['k']}", f"--batch_size={shape['batch_size']}", "--n_epochs=1", "--patience=1",
-            "--train_tokens=all", "--eval_lm=False", "--export_saelens=False", f"--device={device.type}",
-            f"--bf16={device.type == 'cuda'}", *flags, cwd=work)
-        with open(os.path.join(work, "checkpoints", f"bench_gpu_{name}", "metrics.json")) as f:
-            metrics = json.load(f)
-        out[name] = r = {key: metrics[key] for key in ("train_loop_tokens_per_s", "train_tokens_per_s",
-                                                       "peak_gpu_memory_bytes", "val_nmse")}
-        print(f"training {name:>10}: {r['train_loop_tokens_per_s']:,.0f} tokens/s in the steps "
-              f"({r['train_tokens_per_s']:,.0f} with validation and saving), peak GPU "
-              f"{gib(r['peak_gpu_memory_bytes'])}, val normalized MSE {r['val_nmse']:.4f}", flush=True)
-        save(out)
     acts = open_activations(path)
     phases, out["step_wall_ms"], out["data_wait_ms"] = step_phases(acts, shape["m"], shape["k"], shape["batch_size"],
                                                                     device)
@@ -252,28 +287,12 @@ def training(path: str, shape: dict, work: str, device: torch.device, save) -> d
           + f"; unprofiled, {out['step_wall_ms']:.2f} ms per step on the wall clock, {out['data_wait_ms']:.2f} of "
           f"them waiting for the batch", flush=True)
     save(out)
-    try:
-        from peer import load_hypothesaes
-        hs = load_hypothesaes()
-    except SystemExit as e:  # not installed: said in the output, the rest stands
-        out["HypotheSAEs"] = {"skipped": str(e)}
-        print(f"HypotheSAEs: skipped ({e})")
-        return out
-    n = min(shape["hypothesaes_tokens"], acts.n_tokens)
-    x = torch.from_numpy(acts.read_rows(0, n)).to(device).float()
-    split = int(0.9 * n)
-    peak_reset(device)
-    theirs = hs.SparseAutoencoder(acts.d, shape["m"], shape["k"], prefix_lengths=default_prefixes(shape["m"]),
-                                  device=str(device))
-    t0 = time.time()
-    theirs.fit(x[:split], x[split:], batch_size=shape["batch_size"], learning_rate=5e-4, n_epochs=1, patience=2,
-               show_progress=False)
-    runtime.synchronize(device)
-    out["HypotheSAEs"] = peer = {"tokens_per_s": split / (time.time() - t0), "tokens": split,
-                                 "peak_gpu_memory_bytes": runtime.peak_gpu_memory(device), "variant": "Matryoshka"}
-    print(f"HypotheSAEs (Matryoshka, {peer['tokens']:,} tokens in memory, validation included): "
-          f"{peer['tokens_per_s']:,.0f} tokens/s, peak GPU {gib(peer['peak_gpu_memory_bytes'])}; ours (Matryoshka, "
-          f"validation and saving included) / theirs: {out['Matryoshka']['train_tokens_per_s'] / peer['tokens_per_s']:.2f}x")
+    for name in VARIANTS:
+        out[name] = train_variant(path, name, shape, work, device)
+        save(out)
+        if name == "Matryoshka":
+            out["HypotheSAEs"] = train_peer(acts, shape, device, out[name])
+            save(out)
     return out
 
 

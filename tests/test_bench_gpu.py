@@ -26,3 +26,6 @@ def test_gpu_bench_runs_at_the_reduced_shape(tmp_path):
     assert list(training["phases_ms_per_step"]) == ["data", "encoder", "top-k", "decoder and gradients", "optimizer"]
     assert training["phases_ms_per_step"]["top-k"] > 0 and training["phases_ms_per_step"]["encoder"] > 0
     assert "HypotheSAEs" in training
+    # what a GPU run cut short needs most comes first: the step's phases, then Matryoshka and HypotheSAEs
+    keys = list(training)
+    assert keys.index("phases_ms_per_step") < keys.index("Matryoshka") < keys.index("HypotheSAEs") < keys.index("TopK")
