@@ -6,7 +6,7 @@ not the weights, sets the speed), extraction and SAE training measured side by s
    output_hidden_states=True, each layer copied to host memory; its rate is per example, so it runs on the
    first examples only), at one layer and at three, on chat-formatted synthetic texts with the reference's
    length distribution (45-512 tokens, mean ~190). Tokens/s and peak GPU memory of each.
-2. Training: train_sae.py itself for TopK, Matryoshka and BatchTopK at d=4096, M=16384, K=32, streamed from an
+2. Training: train_sae.py itself for Matryoshka, TopK and BatchTopK at d=4096, M=16384, K=32, streamed from an
    activations file of TRAIN_TOKENS float16 rows (written here, sparse codes of random atoms plus noise);
    tokens/s in the steps and over the whole run, peak GPU memory, and the time of one step split into data /
    encoder / top-k / decoder and gradients / optimizer (PyTorch profiler over the PyTorch step, the one GPUs
