@@ -52,6 +52,7 @@ MATRYOSHKA_PREFIXES = None  # increasing, ending at M; None = [M // 4, M]
 USE_BATCH_TOPK = False  # keep the top K·B activations of a batch; a learned threshold at inference
 AUX_K = None  # dead features used by the aux-K loss; None = 2·K
 DEAD_STEPS = 256  # a feature is dead after this many training steps without firing
+INPUT_NORM = "layer_norm"  # "layer_norm": each token centred and scaled by its own mean and std before encoding, restored after decoding (SAELens' layer_norm); "none"
 # ---- training
 N_EPOCHS = 100  # upper bound; early stopping usually ends sooner
 BATCH_SIZE = 512  # tokens per step
@@ -103,7 +104,7 @@ try:
     acts = open_activations(ACTIVATIONS_PATH, verify=True)
 except ActivationFileError as e:
     fail(str(e))
-problem = check_config(acts.d, M, K, prefixes, aux_k)
+problem = check_config(acts.d, M, K, prefixes, aux_k, INPUT_NORM)
 if problem:
     fail(problem)
 train_ids, val_ids = split_examples(acts.n_examples, acts.labels, VAL_FRACTION, SEED)
@@ -143,7 +144,7 @@ provenance = {"activations_path": os.path.abspath(ACTIVATIONS_PATH), "activation
 # ---- model, optimizer, and the state to resume from
 torch.manual_seed(SEED)
 sae = SparseAutoencoder(acts.d, M, K, aux_k=aux_k, dead_steps=DEAD_STEPS, prefixes=prefixes,
-                        batch_topk=USE_BATCH_TOPK)
+                        batch_topk=USE_BATCH_TOPK, input_norm=INPUT_NORM)
 sample = init_sample(acts, train_ids, selection, SEED)
 sae.init_from_data(sample)
 mean_activation_D = sample.mean(0)  # for the mean-ablation baseline of the LM evaluation
@@ -183,7 +184,7 @@ def fail_if_full(error: OSError, path: str):
 
 # ---- training
 print(f"SAE: M={M}, K={K}, {'BatchTopK' if USE_BATCH_TOPK else 'TopK'}, Matryoshka prefixes {prefixes}, "
-      f"aux_k={aux_k}, input scale {sae.scale.item():.4g}, {device}, {step.name} training step")
+      f"aux_k={aux_k}, input norm {INPUT_NORM}, input scale {sae.scale.item():.4g}, {device}, {step.name} training step")
 if no_c_step:
     print(f"Note: {no_c_step}; training uses the PyTorch step (same results, about half the speed on a CPU)")
 steps_per_epoch = math.ceil(n_train / BATCH_SIZE)

@@ -54,7 +54,8 @@ def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
     cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={acts_path}",
            f"--run_name={run_name}", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}",
            f"--n_epochs={epochs}", f"--patience={epochs}", f"--batch_size={BATCH}", f"--lr={LR}",
-           "--export_saelens=False", "--eval_lm=False", "--train_tokens=no_first"]
+           "--export_saelens=False", "--eval_lm=False", "--train_tokens=no_first",
+           "--input_norm=none"]  # HypotheSAEs' math exactly: its tokens as they are, no per-token normalization
     if timed:
         cmd = ["/usr/bin/time", "-v"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir(),

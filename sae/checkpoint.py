@@ -89,4 +89,5 @@ def load_checkpoint(path: str, device="cpu") -> tuple[SparseAutoencoder, dict]:
 def build_sae(sae_config: dict) -> SparseAutoencoder:
     c = sae_config
     return SparseAutoencoder(c["d_in"], c["m"], c["k"], aux_k=c["aux_k"], dead_steps=c["dead_steps"],
-                             prefixes=c["prefixes"], batch_topk=c["batch_topk"])
+                             prefixes=c["prefixes"], batch_topk=c["batch_topk"],
+                             input_norm=c.get("input_norm", "none"))  # checkpoints before it: none

@@ -67,10 +67,12 @@ def _without_prefixes(result: dict) -> dict:
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, acts: Activations, ids: np.ndarray, selection: TokenSelection,
                            step: TorchStep, device: torch.device, chunk_tokens: int, full: bool = False) -> dict:
-    """ReconStats.result() of the selected tokens of the given examples (the per-epoch validation, through
-    `step` without gradients); with full, also "left_out" (the tokens the selection leaves out),
-    "content" (user and assistant turns), "by_token_kind" (each position shared by several examples
-    counted once) and "never_fired_ratio" (features that fire on none of the selected tokens)."""
+    """ReconStats.result() of the selected tokens of the given examples. Without full: the per-epoch
+    validation, through `step` without gradients, so on the tokens as the SAE reconstructs them (x_n, each
+    token layer-normed when the SAE does so): the training objective. With full: on the activations
+    themselves, and also "left_out" (the tokens the selection leaves out), "content" (user and assistant
+    turns), "by_token_kind" (each position shared by several examples counted once) and "never_fired_ratio"
+    (features that fire on none of the selected tokens)."""
     was_training = sae.training
     sae.eval()  # BatchTopK: the inference threshold, which training batches would move
     kept, left = ReconStats(acts.d, len(sae.prefixes)), ReconStats(acts.d, len(sae.prefixes))
@@ -83,10 +85,10 @@ def reconstruction_metrics(sae: SparseAutoencoder, acts: Activations, ids: np.nd
             x = x[keep]
             if len(x):
                 out = step(sae, x)
-                kept.add_errors(x, (out.sse / sae.scale.double() ** 2).tolist(), (out.vals > 0).sum(1))
+                kept.add_errors(sae.normalized(x), (out.sse / sae.scale.double() ** 2).tolist(), (out.vals > 0).sum(1))
             continue
         idx, vals = sae.encode_sparse(x)
-        recons = [r / sae.scale for r in sae.decode_prefixes(idx, vals)]
+        recons = [sae.restore(r, x) for r in sae.decode_prefixes(idx, vals)]
         l0 = (vals > 0).sum(1)
         kept.add(x[keep], [r[keep] for r in recons], l0[keep])
         left.add(x[~keep], [r[~keep] for r in recons], l0[~keep])

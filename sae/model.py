@@ -3,12 +3,21 @@
 The math is HypotheSAEs' (Movva et al. 2025), itself after Gao et al. 2024 (TopK, aux-K) and Bussmann
 et al. 2025 (BatchTopK, Matryoshka). With x the model activation (D) and s the saved input scale:
 
-    x_s     = s · x                                   s makes E‖x_s‖² = D, so settings transfer across widths
+    x_n     = (x − μ_x) / (σ_x + ε)                   input_norm="layer_norm": each token centred and scaled
+                                                      by its own mean and (unbiased) standard deviation over
+                                                      the D coordinates, ε = 1e-5 (SAELens' "layer_norm");
+                                                      input_norm="none": x_n = x
+    x_s     = s · x_n                                 s makes E‖x_s‖² = D, so settings transfer across widths
     pre_M   = W_enc_MD (x_s − b_pre_D) + b_enc_M
     codes_M = ReLU(TopK(pre_M, K))                    TopK: the K largest per token
             = ReLU(pre_M) · [pre_M > threshold]       BatchTopK at inference (training keeps the top K·B
                                                       activations of the whole batch)
-    x̂       = (W_dec_MDᵀ codes_M + b_pre_D) / s       rows of W_dec_MD have unit norm
+    x̂_n     = (W_dec_MDᵀ codes_M + b_pre_D) / s       rows of W_dec_MD have unit norm
+    x̂       = x̂_n · σ_x + μ_x                          (layer_norm; as SAELens restores it) or x̂_n
+
+Per-token normalization gives every token the same weight in the loss: without it the tokens with the
+largest norms dominate the squared error and draw features to their own directions. On the real development
+texts it made more features specific to a label (README, "Labels on real texts").
 
 Loss (all in the scaled space): normalized MSE ‖x − x̂‖² / ‖x − mean_batch(x)‖², averaged over the
 Matryoshka prefixes (the reconstruction from the first p features only, for each p in `prefixes`),
@@ -31,6 +40,8 @@ import torch.nn.functional as F
 
 AUX_COEF = 1 / 32  # weight of the aux-K loss, as in Gao et al. 2024
 THRESHOLD_EMA = 1e-2  # BatchTopK threshold update rate, as in HypotheSAEs
+INPUT_NORMS = ("layer_norm", "none")
+LN_EPS = 1e-5  # SAELens' layer_norm epsilon, added to each token's standard deviation
 
 
 def default_prefixes(m: int) -> list[int]:
@@ -38,8 +49,11 @@ def default_prefixes(m: int) -> list[int]:
     return [m // 4, m] if m >= 8 else [m]
 
 
-def check_config(d_in: int, m: int, k: int, prefixes: list[int] | None, aux_k: int) -> str | None:
+def check_config(d_in: int, m: int, k: int, prefixes: list[int] | None, aux_k: int,
+                 input_norm: str = "none") -> str | None:
     """None when the sizes are consistent, else a sentence saying what is wrong and how to fix it."""
+    if input_norm not in INPUT_NORMS:
+        return f"INPUT_NORM={input_norm!r} must be one of {', '.join(map(repr, INPUT_NORMS))}"
     if min(d_in, m, k) < 1:
         return f"d_in, M and K must be positive (got d_in={d_in}, M={m}, K={k})"
     if k > m:
@@ -60,17 +74,18 @@ class SparseAutoencoder(nn.Module):
     """TopK / BatchTopK / Matryoshka SAE; see the module docstring for the formulas."""
 
     def __init__(self, d_in: int, m: int, k: int, aux_k: int | None = None, dead_steps: int = 256,
-                 prefixes: list[int] | None = None, batch_topk: bool = False):
+                 prefixes: list[int] | None = None, batch_topk: bool = False, input_norm: str = "none"):
         super().__init__()
         aux_k = 2 * k if aux_k is None else aux_k
-        problem = check_config(d_in, m, k, prefixes, aux_k)
+        problem = check_config(d_in, m, k, prefixes, aux_k, input_norm)
         assert problem is None, problem
         self.config = {"d_in": d_in, "m": m, "k": k, "aux_k": min(aux_k, m), "dead_steps": dead_steps,
-                       "prefixes": list(prefixes) if prefixes else [m], "batch_topk": batch_topk}
+                       "prefixes": list(prefixes) if prefixes else [m], "batch_topk": batch_topk,
+                       "input_norm": input_norm}
         self.d_in, self.m, self.k = d_in, m, k
         self.aux_k, self.dead_steps = min(aux_k, m), dead_steps
         self.prefixes = self.config["prefixes"]
-        self.batch_topk = batch_topk
+        self.batch_topk, self.input_norm = batch_topk, input_norm
         W_dec_MD = F.normalize(torch.randn(m, d_in), dim=1)
         self.W_enc_MD = nn.Parameter(W_dec_MD.clone())  # W_enc = W_decᵀ at the start
         self.b_enc_M = nn.Parameter(torch.zeros(m))
@@ -83,15 +98,37 @@ class SparseAutoencoder(nn.Module):
     # ---- initialisation from data
     @torch.no_grad()
     def init_from_data(self, sample_ND: torch.Tensor):
-        """Input scale from the mean squared norm, b_pre from the coordinate-wise median of a sample."""
-        sample_ND = sample_ND.float()
+        """Input scale from the mean squared norm, b_pre from the coordinate-wise median of a sample (both
+        of the normalized inputs)."""
+        sample_ND = self.normalized(sample_ND.float())
         self.scale.fill_(math.sqrt(self.d_in / sample_ND.pow(2).sum(1).mean().clamp_min(1e-12).item()))
         self.b_pre_D.data = (sample_ND * self.scale).median(dim=0).values.to(self.b_pre_D.device)
 
     # ---- the skeleton
+    def token_stats(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(σ_x, μ_x), each (B, 1), for layer_norm; None without per-token normalization."""
+        return torch.std_mean(x_BD, dim=-1, keepdim=True) if self.input_norm == "layer_norm" else None
+
+    def normalized(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """x_n: what the SAE reconstructs, before the input scale."""
+        stats = self.token_stats(x_BD)
+        return x_BD if stats is None else (x_BD - stats[1]) / (stats[0] + LN_EPS)
+
     def centered(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """x_s − b_pre, in one pass."""
-        return torch.addcmul(-self.b_pre_D, x_BD, self.scale)
+        """x_s − b_pre, the scale folded into one multiply."""
+        stats = self.token_stats(x_BD)
+        if stats is None:
+            return torch.addcmul(-self.b_pre_D, x_BD, self.scale)
+        sigma_B1, mu_B1 = stats
+        return torch.addcmul(-self.b_pre_D, x_BD - mu_B1, self.scale / (sigma_B1 + LN_EPS))
+
+    def restore(self, recon_BD: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
+        """A reconstruction in the scaled space, back in the units of the input x it reconstructs."""
+        stats = self.token_stats(x_BD)
+        if stats is None:
+            return recon_BD / self.scale
+        sigma_B1, mu_B1 = stats
+        return torch.addcmul(mu_B1, recon_BD, sigma_B1 / self.scale)
 
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.b_enc_M, self.centered(x_BD), self.W_enc_MD.t())
@@ -149,11 +186,17 @@ class SparseAutoencoder(nn.Module):
         idx_BJ, vals_BJ = self.encode_sparse(x_BD)
         return torch.zeros(x_BD.shape[0], self.m, dtype=vals_BJ.dtype, device=vals_BJ.device).scatter(1, idx_BJ, vals_BJ)
 
-    def decode(self, codes_BM: torch.Tensor) -> torch.Tensor:
-        return (codes_BM @ self.W_dec_MD + self.b_pre_D) / self.scale
+    def decode(self, codes_BM: torch.Tensor, x_BD: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction from dense codes; with layer_norm, the input x_BD they were encoded from gives each
+        token's mean and scale back."""
+        if x_BD is None and self.input_norm != "none":
+            raise ValueError("decode needs the encoded input x_BD: the SAE normalizes each token "
+                             f"(input_norm={self.input_norm!r}) and restores its mean and scale from it")
+        recon_BD = codes_BM @ self.W_dec_MD + self.b_pre_D
+        return recon_BD / self.scale if x_BD is None else self.restore(recon_BD, x_BD)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        return self.decode_sparse(*self.encode_sparse(x_BD)) / self.scale
+        return self.restore(self.decode_sparse(*self.encode_sparse(x_BD)), x_BD)
 
     # ---- training helpers
     def dead_mask(self) -> torch.Tensor:

@@ -6,7 +6,10 @@ rows of W_dec. Dividing our codes by s > 0 changes neither which features the To
 
     W_enc' = W_encᵀ,  b_enc' = b_enc / s,  b_dec = b_pre / s,  W_dec' = W_dec (unit-norm rows, as SAELens expects)
 
-SAELens' codes are ours / s, in the units of x, and its reconstructions are ours exactly.
+SAELens' codes are ours / s, in the units of x, and its reconstructions are ours exactly. For an SAE that
+layer-norms each token (input_norm="layer_norm") the same holds with x_n in place of x: cfg.json says
+"normalize_activations": "layer_norm", whose formulas sae/model.py follows, and SAELens normalizes each
+token before encoding and restores its mean and scale after decoding.
 - TopK (with or without Matryoshka prefixes: inference ignores them) → architecture "topk" with our K.
 - BatchTopK → architecture "jumprelu" with threshold' = threshold / s for every feature: at inference our
   BatchTopK keeps ReLU(pre) where pre > threshold, which is JumpReLU (SAELens saves trained BatchTopK SAEs
@@ -33,7 +36,7 @@ def saelens_state_dict(sae) -> dict:
 def saelens_cfg(sae, meta: dict) -> dict:
     """cfg.json: the architecture and sizes, and what SAELens' tools need to find the model and hook."""
     cfg = {"architecture": "jumprelu" if sae.batch_topk else "topk", "d_in": sae.d_in, "d_sae": sae.m,
-           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": sae.input_norm,
            "reshape_activations": "none"}
     if not sae.batch_topk:
         cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False)

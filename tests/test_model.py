@@ -26,8 +26,8 @@ def c_step():
     return step
 
 
-def make(batch_topk=False, prefixes=None, m=32, k=4, d=12, bias=0.0):
-    sae = SparseAutoencoder(d, m, k, prefixes=prefixes, batch_topk=batch_topk)
+def make(batch_topk=False, prefixes=None, m=32, k=4, d=12, bias=0.0, input_norm="none"):
+    sae = SparseAutoencoder(d, m, k, prefixes=prefixes, batch_topk=batch_topk, input_norm=input_norm)
     sae.init_from_data(torch.randn(256, d) * 3)
     sae.b_enc_M.data.fill_(bias)
     return sae
@@ -38,9 +38,15 @@ def normalized_mse(pred, target):
     return F.mse_loss(pred, target, reduction="sum") / (target - target.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
 
 
+def layer_normed(x):
+    """SAELens' layer_norm: each row centred, then divided by its unbiased standard deviation plus 1e-5."""
+    xc = x - x.mean(1, keepdim=True)
+    return xc / (xc.std(1, keepdim=True) + 1e-5)
+
+
 def dense_reference_loss(sae, x, dead=None):
     """The HypotheSAEs loss written densely with plain autograd, to check the hand-written gradients."""
-    xs = x * sae.scale
+    xs = (layer_normed(x) if sae.input_norm == "layer_norm" else x) * sae.scale
     pre = (xs - sae.b_pre_D) @ sae.W_enc_MD.t() + sae.b_enc_M
     if sae.batch_topk:  # the K·B largest activations of the batch
         vals, idx = F.relu(pre).flatten().topk(sae.k * len(x))
@@ -102,28 +108,46 @@ def test_trained_batch_topk_averages_about_k_active_features_on_held_out_tokens(
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])
-def test_forward_equals_decode_of_encode(batch_topk):
-    sae = make(batch_topk=batch_topk, prefixes=[8, 32])
+@pytest.mark.parametrize("input_norm", ["none", "layer_norm"])
+def test_forward_equals_decode_of_encode(batch_topk, input_norm):
+    sae = make(batch_topk=batch_topk, prefixes=[8, 32], input_norm=input_norm)
     x = torch.randn(50, 12) * 3
     for mode in (sae.train, sae.eval):
         mode()
+        torch.testing.assert_close(sae(x), sae.decode(sae.encode(x), x), rtol=1e-5, atol=1e-5)
+    if input_norm == "none":
         torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="needs the encoded input"):
+            sae.decode(sae.encode(x))
+
+
+def test_layer_norm_gives_each_token_the_same_codes_whatever_its_mean_and_scale():
+    """With input_norm="layer_norm" a token a·x + c (a > 0, c the same in every coordinate) is encoded as x
+    and reconstructed as a·x̂ + c: features read the token's direction, not its norm or offset."""
+    sae = make(prefixes=[8, 32], input_norm="layer_norm", bias=0.1).eval()
+    x = torch.randn(30, 12) * 3
+    a, c = torch.rand(30, 1) * 20 + 0.5, torch.randn(30, 1) * 5
+    torch.testing.assert_close(sae.encode(a * x + c), sae.encode(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae(a * x + c), a * sae(x) + c, rtol=1e-4, atol=1e-3)
+    plain = make(prefixes=[8, 32], bias=0.1).eval()
+    assert not torch.allclose(plain.encode(a * x + c), plain.encode(x), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("step", ["pytorch", "C"])
-@pytest.mark.parametrize("prefixes,batch_topk,dead_every,d", [(None, False, 3, 12), ([8, 32], False, 3, 12),
-                                                              ([4, 16, 32], False, 3, 12), ([8, 32], True, 3, 12),
-                                                              ([8, 32], False, 11, 12), ([8, 32], False, 3, 150),
-                                                              ([8, 32], True, 3, 150)])
-def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, dead_every, d, step,
-                                                                        request):
+@pytest.mark.parametrize("prefixes,batch_topk,dead_every,d,input_norm", [
+    (None, False, 3, 12, "none"), ([8, 32], False, 3, 12, "none"), ([4, 16, 32], False, 3, 12, "none"),
+    ([8, 32], True, 3, 12, "none"), ([8, 32], False, 11, 12, "none"), ([8, 32], False, 3, 150, "none"),
+    ([8, 32], True, 3, 150, "none"), ([8, 32], False, 3, 150, "layer_norm"), ([8, 32], True, 3, 12, "layer_norm")])
+def test_loss_and_hand_written_gradients_equal_dense_autograd_reference(prefixes, batch_topk, dead_every, d,
+                                                                        input_norm, step, request):
     """Both training steps against autograd on the dense formulas; the decoder gradient rows lose their
     component along the (unit) decoder rows. Every third feature dead turns aux-K on; every eleventh leaves
     3 dead features, fewer than aux_k = 8. d=150 takes the C step's vector blocks of 64 columns twice and
     its column-by-column tail (22 columns); d=12 only the tail."""
-    sae = make(prefixes=prefixes, batch_topk=batch_topk, d=d)
+    sae = make(prefixes=prefixes, batch_topk=batch_topk, d=d, input_norm=input_norm)
     sae.steps_since_fired[::dead_every] = 10_000
-    x = torch.randn(40, d) * 3
+    x = torch.randn(40, d) * 3 + torch.randn(40, 1) * 2  # tokens of different means and scales
     dead = sae.dead_mask()
     dense = dense_reference_loss(sae, x, dead)
     dense_grads = list(torch.autograd.grad(dense, list(sae.parameters())))
@@ -343,11 +367,16 @@ def test_input_scale_and_config_checks():
     assert "larger than M" in check_config(12, 8, 16, None, 32)
     assert "strictly increasing" in check_config(12, 32, 4, [16, 8, 32], 8)
     assert "must end at M=32" in check_config(12, 32, 4, [8, 16], 8)
+    assert "INPUT_NORM='rms'" in check_config(12, 32, 4, None, 8, "rms")
+    ln = SparseAutoencoder(12, 32, 4, input_norm="layer_norm")
+    ln.init_from_data(sample)
+    assert abs((layer_normed(sample) * ln.scale).pow(2).sum(1).mean().item() - 12) < 1e-3
+    torch.testing.assert_close(ln.b_pre_D.data, (layer_normed(sample) * ln.scale).median(0).values)
 
 
-@pytest.mark.parametrize("batch_topk", [False, True])
-def test_save_load_round_trip_weights_only(tmp_path, batch_topk):
-    sae = make(batch_topk=batch_topk, prefixes=[8, 32])
+@pytest.mark.parametrize("batch_topk,input_norm", [(False, "none"), (True, "none"), (False, "layer_norm")])
+def test_save_load_round_trip_weights_only(tmp_path, batch_topk, input_norm):
+    sae = make(batch_topk=batch_topk, prefixes=[8, 32], input_norm=input_norm)
     sae.train().encode(torch.randn(64, 12))  # moves the BatchTopK threshold
     sae.steps_since_fired[3] = 77
     path = str(tmp_path / "SAE_M=32_K=4.pt")
@@ -359,6 +388,8 @@ def test_save_load_round_trip_weights_only(tmp_path, batch_topk):
         assert torch.equal(v, loaded.state_dict()[k]), k
     x = torch.randn(20, 12)
     torch.testing.assert_close(loaded(x), sae.eval()(x))
+    older = {k: v for k, v in sae.config.items() if k != "input_norm"}  # checkpoints written before the setting
+    assert build_sae(older).input_norm == "none"
 
 
 def test_recovers_a_known_sparse_dictionary():
@@ -383,15 +414,17 @@ def test_recovers_a_known_sparse_dictionary():
     assert recovered >= 0.9, f"recovered {recovered:.0%} of the atoms"
 
 
-@pytest.mark.parametrize("batch_topk", [False, True])
-def test_saelens_export_reproduces_codes_and_reconstructions_with_unit_decoder_rows(tmp_path, batch_topk):
+@pytest.mark.parametrize("batch_topk,input_norm", [(False, "none"), (True, "none"), (False, "layer_norm"),
+                                                   (True, "layer_norm")])
+def test_saelens_export_reproduces_codes_and_reconstructions_with_unit_decoder_rows(tmp_path, batch_topk, input_norm):
     """SAELens computes f((x − b_dec) W_enc + b_enc) W_dec + b_dec on raw inputs, f = ReLU∘TopK ("topk") or
-    ReLU · [pre > threshold] ("jumprelu", how BatchTopK SAEs are saved); written here from those formulas
-    (bench/check_saelens_export.py loads the same files with sae-lens itself)."""
+    ReLU · [pre > threshold] ("jumprelu", how BatchTopK SAEs are saved); with "layer_norm" on each token
+    centred and divided by its std + 1e-5, the output then times that std plus that mean. Written here from
+    those formulas (bench/check_saelens_export.py loads the same files with sae-lens itself)."""
     import json
     from safetensors.torch import load_file
     from sae.saelens import export_saelens
-    sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.2)
+    sae = make(prefixes=[8, 32], batch_topk=batch_topk, bias=0.2, input_norm=input_norm)
     if batch_topk:  # a threshold that keeps some features and drops others
         sae.train()
         sae.encode_sparse(torch.randn(64, 12) * 3)
@@ -406,8 +439,11 @@ def test_saelens_export_reproduces_codes_and_reconstructions_with_unit_decoder_r
     assert cfg["metadata"]["model_from_pretrained_kwargs"] == {} and cfg["metadata"]["model_class_name"]
     assert "dequantized" in cfg["metadata"]["model_weights_note"]
     torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(32)), "unit-norm decoder rows"
-    x = torch.randn(64, 12) * 3
-    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    assert cfg["normalize_activations"] == input_norm
+    x = torch.randn(64, 12) * 3 + torch.randn(64, 1)
+    mu, std = x.mean(1, keepdim=True), (x - x.mean(1, keepdim=True)).std(1, keepdim=True)
+    x_in = (x - mu) / (std + 1e-5) if input_norm == "layer_norm" else x
+    pre = (x_in - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     if batch_topk:
         codes = F.relu(pre) * (pre > w["threshold"])
         assert 0 < (codes > 0).sum(1).float().mean() < 32, "the threshold keeps some and drops others"
@@ -415,4 +451,5 @@ def test_saelens_export_reproduces_codes_and_reconstructions_with_unit_decoder_r
         vals, idx = pre.topk(cfg["k"], dim=-1)
         codes = torch.zeros_like(pre).scatter(-1, idx, F.relu(vals))
     torch.testing.assert_close(codes, sae.encode(x) / sae.scale, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(codes @ w["W_dec"] + w["b_dec"], sae(x), rtol=1e-4, atol=1e-4)
+    recon = codes @ w["W_dec"] + w["b_dec"]
+    torch.testing.assert_close(recon * std + mu if input_norm == "layer_norm" else recon, sae(x), rtol=1e-4, atol=1e-4)

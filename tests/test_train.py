@@ -13,7 +13,7 @@ from conftest import require_c_compiler, kill_when, ROOT, make_activations, run_
 from sae.checkpoint import load_checkpoint
 from sae.data import sha256_file
 from sae.selection import TokenSelection
-from sae.stream import MixingStream, split_examples
+from sae.stream import MixingStream, eval_batches, split_examples
 from sae.activations import open_activations
 
 SMALL = ["--m=16", "--k=4", "--batch_size=32", "--export_saelens=True"]
@@ -173,6 +173,7 @@ BAD = [
     (lambda t, a: a, ["--grad_clip=0"], "GRAD_CLIP=0.0 must be positive"),
     (lambda t, a: a, ["--matryoshka_prefixes=[8, 4, 16]"], "must be strictly increasing"),
     (lambda t, a: a, ["--matryoshka_prefixes=[4, 8]"], "must end at M=16"),
+    (lambda t, a: a, ["--input_norm=rms"], "INPUT_NORM='rms' must be one of 'layer_norm', 'none'"),
     (lambda t, a: make_activations(t / "nan.npz", nan_example=7), [], "NaN or inf activations in example 7"),
     (lambda t, a: make_activations(t / "tiny.npz", n_examples=3, labels=False), [], "too few for a validation split"),
     (lambda t, a: a, ["--train_tokens=assistant"], "selects no tokens"),
@@ -266,6 +267,22 @@ def test_the_saved_weights_are_the_best_epoch_not_the_last(tmp_path, acts_path):
     again = reconstruction_metrics(sae, acts, val_ids, selection, TorchStep(), torch.device("cpu"), 1 << 13)
     assert np.mean(again["prefix_nmse"]) == pytest.approx(min(losses), rel=1e-4)
     assert np.mean(again["prefix_nmse"]) != pytest.approx(losses[-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("input_norm", ["layer_norm", "none"])
+def test_the_final_figures_are_measured_on_the_activations_themselves(tmp_path, acts_path, input_norm):
+    """The SAE trains on layer-normed tokens by default; the validation MSE it reports at the end is that of
+    its reconstructions, back in the activations' units, against the activations."""
+    train(tmp_path, acts_path, "--n_epochs=2", "--eval_lm=False", "--run_name=f", f"--input_norm={input_norm}")
+    sae, ckpt = load_checkpoint(str(tmp_path / "checkpoints" / "f" / "SAE_M=16_K=4.pt"))
+    assert sae.input_norm == input_norm
+    acts = open_activations(acts_path)
+    train_ids, val_ids = split_examples(acts.n_examples, acts.labels, 0.1, 0)
+    selection = TokenSelection(acts, "distinct", [train_ids, val_ids], 16)
+    x = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, selection)]).double()
+    with torch.no_grad():
+        nmse = ((x - sae(x.float()).double()).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert ckpt["metrics"]["val_nmse"] == pytest.approx(nmse, rel=1e-4)
 
 
 @pytest.mark.parametrize("tokens", ["all", "no_special"])
