@@ -52,7 +52,7 @@ MATRYOSHKA_PREFIXES = None  # increasing, ending at M; None = [M // 4, M]
 USE_BATCH_TOPK = False  # keep the top K·B activations of a batch; a learned threshold at inference
 AUX_K = None  # dead features used by the aux-K loss; None = 2·K
 DEAD_STEPS = 256  # a feature is dead after this many training steps without firing
-INPUT_NORM = "layer_norm"  # "layer_norm": each token centred and scaled by its own mean and std before encoding, restored after decoding (SAELens' layer_norm); "none"
+INPUT_NORM = "none"  # or "layer_norm": each token centred and scaled by its own mean and std before encoding, restored after decoding (SAELens' layer_norm)
 # ---- training
 N_EPOCHS = 100  # upper bound; early stopping usually ends sooner
 BATCH_SIZE = 512  # tokens per step

@@ -185,7 +185,7 @@ def step_phases(acts, m, k, batch_size, device, n_steps=15) -> tuple[dict, float
     the next batch (on a GPU, the phases' sum against the wall clock says how busy it is)."""
     from torch.profiler import ProfilerActivity, profile, record_function
     torch.manual_seed(0)
-    sae = SparseAutoencoder(acts.d, m, k, prefixes=default_prefixes(m), input_norm="layer_norm").to(device)  # train_sae.py's default
+    sae = SparseAutoencoder(acts.d, m, k, prefixes=default_prefixes(m)).to(device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=5e-4)
     stream = MixingStream(acts, np.arange(acts.n_examples), TokenSelection(acts, "all"), batch_size, 0)
     batches = stream.epoch(0, for_gpu=device.type == "cuda")

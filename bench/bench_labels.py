@@ -16,6 +16,7 @@ it). Both are then measured by the same functions on the same examples:
     python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
     python bench/bench_labels.py --seeds=0 --dataset=path/to/other.jsonl
     python bench/bench_labels.py --seeds=0,1,2,3,4,5,6          # the seeds of the README's figures
+    python bench/bench_labels.py --seeds=0,1,2,3,4,5,6 --input_norm=layer_norm   # ours with other settings
 
 One split of 45 validation examples for 45 labels makes one run's figures noisy (the label count moves
 by ±3 and the probe ratio by ±0.3 between seeds), hence several seeds, their means, and the paired
@@ -87,9 +88,10 @@ def measure(sae, recon, acts, train_ids, val_ids, seed):
             "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
 
 
-def one_seed(acts_path, work, seed):
-    """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations)."""
-    run("train_sae.py", f"--activations_path={acts_path}", f"--run_name=bench_labels_{seed}", "--eval_lm=False",
+def one_seed(acts_path, work, seed, variant=()):
+    """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations); `variant`: more
+    train_sae.py settings for ours."""
+    run("train_sae.py", *variant, f"--activations_path={acts_path}", f"--run_name=bench_labels_{seed}", "--eval_lm=False",
         "--export_saelens=False", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}", f"--seed={seed}",
         cwd=work)
     path = checkpoint_path(f"bench_labels_{seed}", M, K, root=os.path.join(work, "checkpoints"))
@@ -124,6 +126,7 @@ def one_seed(acts_path, work, seed):
 def main():
     dataset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dataset=")), DATASET)
     seeds = [int(v) for v in next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--seeds=")), "0,1,2").split(",")]
+    variant = [a for a in sys.argv[1:] if not a.startswith(("--dataset=", "--seeds="))]  # e.g. --input_norm=layer_norm
     work = os.path.join(tempfile.gettempdir(), "bench_labels")
     os.makedirs(work, exist_ok=True)
     acts_path = os.path.join(work, "activations", "activations_layer12.npz")
@@ -131,8 +134,9 @@ def main():
         run("extract_activations.py", f"--dataset_path={os.path.abspath(dataset)}", cwd=work)
     acts = open_activations(acts_path)
     print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens); M={M} K={K} prefixes={PREFIXES}; "
-          f"seeds {seeds} (each: the split and both initialisations)", flush=True)
-    results = [one_seed(acts_path, work, seed) for seed in seeds]
+          f"seeds {seeds} (each: the split and both initialisations); ours with "
+          f"{' '.join(variant) or 'the default settings'}", flush=True)
+    results = [one_seed(acts_path, work, seed, variant) for seed in seeds]
     ours, theirs, raws = zip(*results)
     for name, rs in (("train_sae.py", ours), ("HypotheSAEs", theirs)):
         covered, by_means = [r["covered"] for r in rs], [r["covered_by_means"] for r in rs]

@@ -6,6 +6,7 @@ requirements (bench/requirements-saelens.txt), then:
     pip install -r bench/requirements-saelens.txt
     python bench/check_saelens_export.py      # after the default extraction: activations/activations_layer12.npz
     python bench/check_saelens_export.py --activations_path=other/activations_layer6.npz
+    python bench/check_saelens_export.py --input_norm=layer_norm   # other train_sae.py settings for every variant
 
 For each of TopK, Matryoshka TopK, BatchTopK and Matryoshka BatchTopK it runs train_sae.py (a few epochs,
 export on), loads the export with `sae_lens.SAE.load_from_disk`, and on held-out tokens compares SAELens'
@@ -37,6 +38,7 @@ def main():
                                      os.path.join(ROOT, "activations", "activations_layer12.npz")))
     if not os.path.isfile(acts_path):
         sys.exit(f"{acts_path} does not exist: run python extract_activations.py first or pass --activations_path=")
+    more = [a for a in sys.argv[1:] if not a.startswith("--activations_path=")]
     acts = open_activations(acts_path)
     x = torch.from_numpy(np.asarray(acts.read_rows(acts.n_tokens - 4096, acts.n_tokens), dtype=np.float32))
     failed = False
@@ -44,7 +46,7 @@ def main():
         run = name.replace(" ", "_")
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={acts_path}",
                                "--m=256", "--k=8", "--n_epochs=3", "--eval_lm=False", f"--run_name={run}",
-                               "--use_matryoshka=False", *flags], cwd=work, capture_output=True, text=True,
+                               "--use_matryoshka=False", *flags, *more], cwd=work, capture_output=True, text=True,
                               env=dict(os.environ, TQDM_DISABLE="1"))
         if proc.returncode:
             sys.exit(f"train_sae.py failed for {name}:\n{proc.stderr[-2000:]}")

@@ -15,9 +15,9 @@ et al. 2025 (BatchTopK, Matryoshka). With x the model activation (D) and s the s
     x̂_n     = (W_dec_MDᵀ codes_M + b_pre_D) / s       rows of W_dec_MD have unit norm
     x̂       = x̂_n · σ_x + μ_x                          (layer_norm; as SAELens restores it) or x̂_n
 
-Per-token normalization gives every token the same weight in the loss: without it the tokens with the
-largest norms dominate the squared error and draw features to their own directions. On the real development
-texts it made more features specific to a label (README, "Labels on real texts").
+Per-token normalization gives every token the same weight in the loss, where without it the tokens with the
+largest norms weigh most. On the real development texts it made more features specific to a label and the
+model's next-token loss with the SAE spliced in worse (README, "Labels on real texts"); off by default.
 
 Loss (all in the scaled space): normalized MSE ‖x − x̂‖² / ‖x − mean_batch(x)‖², averaged over the
 Matryoshka prefixes (the reconstruction from the first p features only, for each p in `prefixes`),
