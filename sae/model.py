@@ -115,15 +115,12 @@ class SparseAutoencoder(nn.Module):
         return x_BD if stats is None else (x_BD - stats[1]) / (stats[0] + LN_EPS)
 
     def centered(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """x_s − b_pre, the scale folded into one multiply."""
-        stats = self.token_stats(x_BD)
-        if stats is None:
-            return torch.addcmul(-self.b_pre_D, x_BD, self.scale)
-        sigma_B1, mu_B1 = stats
-        return torch.addcmul(-self.b_pre_D, x_BD - mu_B1, self.scale / (sigma_B1 + LN_EPS))
+        """x_s − b_pre, in one pass after the normalization."""
+        return torch.addcmul(-self.b_pre_D, self.normalized(x_BD), self.scale)
 
-    def restore(self, recon_BD: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
-        """A reconstruction in the scaled space, back in the units of the input x it reconstructs."""
+    def restore(self, recon_BD: torch.Tensor, x_BD: torch.Tensor | None) -> torch.Tensor:
+        """A reconstruction in the scaled space, back in the units of the input x it reconstructs (x is not
+        read without per-token normalization)."""
         stats = self.token_stats(x_BD)
         if stats is None:
             return recon_BD / self.scale
@@ -192,8 +189,7 @@ class SparseAutoencoder(nn.Module):
         if x_BD is None and self.input_norm != "none":
             raise ValueError("decode needs the encoded input x_BD: the SAE normalizes each token "
                              f"(input_norm={self.input_norm!r}) and restores its mean and scale from it")
-        recon_BD = codes_BM @ self.W_dec_MD + self.b_pre_D
-        return recon_BD / self.scale if x_BD is None else self.restore(recon_BD, x_BD)
+        return self.restore(codes_BM @ self.W_dec_MD + self.b_pre_D, x_BD)
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.restore(self.decode_sparse(*self.encode_sparse(x_BD)), x_BD)

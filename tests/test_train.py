@@ -271,8 +271,8 @@ def test_the_saved_weights_are_the_best_epoch_not_the_last(tmp_path, acts_path):
 
 @pytest.mark.parametrize("input_norm", ["layer_norm", "none"])
 def test_the_final_figures_are_measured_on_the_activations_themselves(tmp_path, acts_path, input_norm):
-    """The SAE trains on layer-normed tokens by default; the validation MSE it reports at the end is that of
-    its reconstructions, back in the activations' units, against the activations."""
+    """Whether or not the SAE trains on layer-normed tokens, the validation MSE it reports at the end is that
+    of its reconstructions, back in the activations' units, against the activations."""
     train(tmp_path, acts_path, "--n_epochs=2", "--eval_lm=False", "--run_name=f", f"--input_norm={input_norm}")
     sae, ckpt = load_checkpoint(str(tmp_path / "checkpoints" / "f" / "SAE_M=16_K=4.pt"))
     assert sae.input_norm == input_norm
