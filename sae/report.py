@@ -127,7 +127,7 @@ def metric_rows(metrics: dict) -> list[tuple[str, str, str]]:
     rows = []
     for key, label, fmt, meaning in METRICS:
         value = metrics.get(key)
-        if value is None:
+        if value is None or (fmt == "list" and len(value) < 2):  # one Matryoshka prefix: the overall figure again
             continue
         if fmt == "percent":
             text = f"{100 * value:.1f}%"
@@ -167,6 +167,14 @@ def shorten(text: str, width: int, lead: int = 24) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def loss_label(train: dict) -> str:
+    """What the training curve plots, from train_sae.py's settings: the normalized MSE, averaged over the
+    Matryoshka prefixes when they were on, and on layer-normed tokens when they were (the objective, so not
+    in the activations' units that the metrics table uses)."""
+    return ("loss: normalized MSE" + (", mean over Matryoshka prefixes" if train.get("USE_MATRYOSHKA") else "")
+            + (", on layer-normed tokens" if train.get("INPUT_NORM") == "layer_norm" else ""))
+
+
 def render_report(title: str, config: dict, metrics: dict, history: list, prevalence: np.ndarray,
                   auroc_LM: np.ndarray | None, label_names: list, cards: list[dict], llm_note: str,
                   template_rows: list[dict] = (), label_note: str | None = None, sweep_rows: list[dict] = ()) -> str:
@@ -177,7 +185,7 @@ def render_report(title: str, config: dict, metrics: dict, history: list, preval
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
              f"<style>{CSS}</style></head><body><h1>{_esc(title)}</h1>",
              f"<p class=muted>{_esc(llm_note)}</p>",
-             "<h2>Training</h2>", line_plot(hist, ylabel="loss (mean normalized MSE over the Matryoshka prefixes)"),
+             "<h2>Training</h2>", line_plot(hist, ylabel=loss_label(config.get("train") or {})),
              line_plot({"dead": [100 * h.get("dead_ratio", 0) for h in history]}, ylabel="dead features (%)",
                        floor=0, min_top=1),
              "<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>what it means</th></tr>"]

@@ -13,8 +13,8 @@ METRICS = {"val_nmse": 0.26668889785, "val_nmse_content": 0.2639936, "val_prefix
                        "frac_recovered_zero": 0.96398, "frac_recovered_mean": 0.92583, "kl_sae": 1.07582}}
 
 
-def _render(cards=(), metrics=METRICS):
-    return render_report("t", {"X": 1}, metrics, [{"train_loss": 1.0, "val_loss": 1.1, "dead_ratio": 0.0039}],
+def _render(cards=(), metrics=METRICS, train=None):
+    return render_report("t", {"train": train}, metrics, [{"train_loss": 1.0, "val_loss": 1.1, "dead_ratio": 0.0039}],
                          np.array([0.1, 0.5]), None, [], list(cards), "note")
 
 
@@ -30,6 +30,15 @@ def test_the_metrics_table_shows_metrics_json_rounded_under_their_names():
     assert _cell(html, "epochs") == "72" and _cell(html, "training speed") == "145,023 tokens/s"
     assert _cell(html, "ΔLM loss (%)") == "8.5033" and _cell(html, "CE clean") == "4.3033"
     assert _cell(html, "loss recovered vs zero") == "0.9640"
+    assert "per Matryoshka prefix" not in _render(metrics=dict(METRICS, val_prefix_nmse=[0.26668889])), \
+        "a plain TopK SAE's one prefix is the overall figure again"
+
+
+def test_the_loss_curve_says_what_loss_it_plots():
+    assert ") loss: normalized MSE, on layer-normed tokens<" in _render(train={"USE_MATRYOSHKA": False,
+                                                                             "INPUT_NORM": "layer_norm"})
+    assert ") loss: normalized MSE, mean over Matryoshka prefixes<" in _render(train={"USE_MATRYOSHKA": True,
+                                                                                   "INPUT_NORM": "none"})
 
 
 def test_dataset_text_and_descriptions_stay_text():
