@@ -47,12 +47,12 @@ VAL_FRACTION = 0.1  # share of examples (not tokens) held out for validation, st
 # ---- model
 M = 256  # number of features (dictionary size)
 K = 8  # active features per token
-USE_MATRYOSHKA = True  # average the loss over nested prefixes of the features (Bussmann et al. 2025)
+USE_MATRYOSHKA = False  # average the loss over nested prefixes of the features (Bussmann et al. 2025)
 MATRYOSHKA_PREFIXES = None  # increasing, ending at M; None = [M // 4, M]
 USE_BATCH_TOPK = False  # keep the top K·B activations of a batch; a learned threshold at inference
 AUX_K = None  # dead features used by the aux-K loss; None = 2·K
 DEAD_STEPS = 256  # a feature is dead after this many training steps without firing
-INPUT_NORM = "none"  # or "layer_norm": each token centred and scaled by its own mean and std before encoding, restored after decoding (SAELens' layer_norm)
+INPUT_NORM = "layer_norm"  # each token centred and scaled by its own mean and std before encoding, restored after decoding (SAELens' layer_norm); or "none"
 # ---- training
 N_EPOCHS = 100  # upper bound; early stopping usually ends sooner
 BATCH_SIZE = 512  # tokens per step
@@ -78,6 +78,9 @@ config = configure(globals(), also={"MATRYOSHKA_PREFIXES": (list,), "AUX_K": (in
 # ---- settings check
 if TRAIN_TOKENS not in TOKEN_SELECTIONS:
     fail(f"TRAIN_TOKENS={TRAIN_TOKENS!r} is not one of {', '.join(TOKEN_SELECTIONS)}")
+if MATRYOSHKA_PREFIXES is not None and not USE_MATRYOSHKA:
+    fail(f"MATRYOSHKA_PREFIXES={MATRYOSHKA_PREFIXES} is set but USE_MATRYOSHKA=False, so they would be ignored; "
+         f"add --use_matryoshka=True or leave MATRYOSHKA_PREFIXES at None")
 prefixes = (MATRYOSHKA_PREFIXES or default_prefixes(M)) if USE_MATRYOSHKA else None
 aux_k = 2 * K if AUX_K is None else AUX_K
 for name, value, low in (("N_EPOCHS", N_EPOCHS, 1), ("BATCH_SIZE", BATCH_SIZE, 1), ("PATIENCE", PATIENCE, 1),

@@ -2,8 +2,8 @@
 
 Extracts the real development texts (../shared/data/cognitive_actions_real_dev.jsonl: 450 texts, 10 per
 label) with the default model, trains our SAE with the default settings (LM evaluation off), then
-HypotheSAEs' SparseAutoencoder.fit with the same M, K, Matryoshka prefixes, batch size, learning rate and
-number of epochs on the same training examples (every token but the attention sinks, as its users feed
+HypotheSAEs' SparseAutoencoder.fit with the same M, K, Matryoshka prefixes as ours (none for a plain TopK
+SAE), batch size, learning rate and number of epochs on the same training examples (every token but the attention sinks, as its users feed
 it). Both are then measured by the same functions on the same examples:
 - labels covered: how many labels are some feature's own best label at AUROC >= 0.8 (per-example maxima
   over content tokens, all examples), and the same count on per-example mean codes;
@@ -16,7 +16,7 @@ it). Both are then measured by the same functions on the same examples:
     python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
     python bench/bench_labels.py --seeds=0 --dataset=path/to/other.jsonl
     python bench/bench_labels.py --seeds=0,1,2,3,4,5,6          # the seeds of the README's figures
-    python bench/bench_labels.py --seeds=0,1,2,3,4,5,6 --input_norm=layer_norm   # ours with other settings
+    python bench/bench_labels.py --seeds=0,1,2,3,4,5,6 --input_norm=none   # ours with other settings
 
 One split of 45 validation examples for 45 labels makes one run's figures noisy (the label count moves
 by ±3 and the probe ratio by ±0.3 between seeds), hence several seeds, their means, and the paired
@@ -44,7 +44,7 @@ from sae.selection import TokenSelection  # noqa: E402
 from sae.stream import eval_batches, split_examples  # noqa: E402
 
 DATASET = os.path.join(ROOT, "..", "shared", "data", "cognitive_actions_real_dev.jsonl")
-M, K, PREFIXES, BATCH, LR, SEED, VAL_FRACTION = 256, 8, [64, 256], 512, 5e-4, 0, 0.1
+M, K, BATCH, LR, SEED, VAL_FRACTION = 256, 8, 512, 5e-4, 0, 0.1
 CV_FOLDS = 10  # the probe cross-validated over all examples: 450 held-out scores instead of 45
 
 
@@ -92,7 +92,7 @@ def one_seed(acts_path, work, seed, variant=()):
     """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations); `variant`: more
     train_sae.py settings for ours."""
     run("train_sae.py", *variant, f"--activations_path={acts_path}", f"--run_name=bench_labels_{seed}", "--eval_lm=False",
-        "--export_saelens=False", f"--m={M}", f"--k={K}", f"--matryoshka_prefixes={PREFIXES}", f"--seed={seed}",
+        "--export_saelens=False", f"--m={M}", f"--k={K}", f"--seed={seed}",
         cwd=work)
     path = checkpoint_path(f"bench_labels_{seed}", M, K, root=os.path.join(work, "checkpoints"))
     with open(os.path.join(os.path.dirname(path), "metrics.json")) as f:
@@ -105,14 +105,15 @@ def one_seed(acts_path, work, seed, variant=()):
     x_train = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, train_ids, no_first)])
     x_val = torch.cat([x[keep] for x, keep, _ in eval_batches(acts, val_ids, no_first)])
     torch.manual_seed(seed)
-    model = load_hypothesaes().SparseAutoencoder(acts.d, M, K, prefix_lengths=PREFIXES, device="cpu")
+    prefixes = ours.prefixes if len(ours.prefixes) > 1 else None  # HypotheSAEs' plain TopK takes None
+    model = load_hypothesaes().SparseAutoencoder(acts.d, M, K, prefix_lengths=prefixes, device="cpu")
     model.fit(x_train, x_val, batch_size=BATCH, learning_rate=LR, n_epochs=epochs, patience=epochs + 1,
               show_progress=False)
     model.eval()
     a = measure(ours, ours, acts, train_ids, val_ids, seed)
     b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids, seed)
     raw = a["raw"]  # the same for both: mean-pooled activations of the same examples
-    print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), {len(val_ids)} validation "
+    print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), prefixes {prefixes}, {len(val_ids)} validation "
           f"examples, raw probe {100 * raw:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
         print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']} ({r['covered_by_means']} by mean "
@@ -133,7 +134,7 @@ def main():
     if not os.path.isfile(acts_path) or open_activations(acts_path).meta.get("dataset_sha256") != sha256_file(dataset):
         run("extract_activations.py", f"--dataset_path={os.path.abspath(dataset)}", cwd=work)
     acts = open_activations(acts_path)
-    print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens); M={M} K={K} prefixes={PREFIXES}; "
+    print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens); M={M} K={K}; "
           f"seeds {seeds} (each: the split and both initialisations); ours with "
           f"{' '.join(variant) or 'the default settings'}", flush=True)
     results = [one_seed(acts_path, work, seed, variant) for seed in seeds]

@@ -29,7 +29,7 @@ def train(tmp_path, acts, *args, check=True, **kw):
 
 
 def test_train_prints_metrics_and_writes_loadable_checkpoint(tmp_path, acts_path):
-    proc = train(tmp_path, acts_path, "--n_epochs=4", "--run_name=t")
+    proc = train(tmp_path, acts_path, "--n_epochs=4", "--run_name=t", "--use_matryoshka=True")
     out = proc.stdout
     for line in ("Train: ", "Epoch 1/4: train_loss=", "Epoch 4/4:", "Val MSE: ", "Active features/token: 4.00",
                  "Dead neurons: ", "Matryoshka prefixes: first 4: normalized MSE", "Left-out tokens (distinct): "):
@@ -171,8 +171,9 @@ BAD = [
     (lambda t, a: a, ["--k=32"], "K=32 is larger than M=16"),
     (lambda t, a: a, ["--lr=-1.0"], "LR=-1.0 must be positive"),
     (lambda t, a: a, ["--grad_clip=0"], "GRAD_CLIP=0.0 must be positive"),
-    (lambda t, a: a, ["--matryoshka_prefixes=[8, 4, 16]"], "must be strictly increasing"),
-    (lambda t, a: a, ["--matryoshka_prefixes=[4, 8]"], "must end at M=16"),
+    (lambda t, a: a, ["--use_matryoshka=True", "--matryoshka_prefixes=[8, 4, 16]"], "must be strictly increasing"),
+    (lambda t, a: a, ["--use_matryoshka=True", "--matryoshka_prefixes=[4, 8]"], "must end at M=16"),
+    (lambda t, a: a, ["--matryoshka_prefixes=[4, 16]"], "is set but USE_MATRYOSHKA=False"),
     (lambda t, a: a, ["--input_norm=rms"], "INPUT_NORM='rms' must be one of 'layer_norm', 'none'"),
     (lambda t, a: make_activations(t / "nan.npz", nan_example=7), [], "NaN or inf activations in example 7"),
     (lambda t, a: make_activations(t / "tiny.npz", n_examples=3, labels=False), [], "too few for a validation split"),
