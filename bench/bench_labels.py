@@ -3,8 +3,8 @@
 Extracts the real development texts (../shared/data/cognitive_actions_real_dev.jsonl: 450 texts, 10 per
 label) with the default model, trains our SAE with the default settings (LM evaluation off), then
 HypotheSAEs' SparseAutoencoder.fit with the same M, K, Matryoshka prefixes as ours (none for a plain TopK
-SAE), batch size, learning rate and number of epochs on the same training examples (every token but the attention sinks, as its users feed
-it). Both are then measured by the same functions on the same examples:
+SAE), batch size, learning rate and number of epochs on the same training examples (every token but the
+attention sinks, as its users feed it). Both are then measured by the same functions on the same examples:
 - labels covered: how many labels are some feature's own best label at AUROC >= 0.8 (per-example maxima
   over content tokens, all examples), and the same count on per-example mean codes;
 - the linear probe on those maxima and on the mean codes, on the validation examples, beside the probe on
@@ -113,8 +113,8 @@ def one_seed(acts_path, work, seed, variant=()):
     a = measure(ours, ours, acts, train_ids, val_ids, seed)
     b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids, seed)
     raw = a["raw"]  # the same for both: mean-pooled activations of the same examples
-    print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), prefixes {prefixes}, {len(val_ids)} validation "
-          f"examples, raw probe {100 * raw:.1f}%", flush=True)
+    print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), prefixes {prefixes}, "
+          f"{len(val_ids)} validation examples, raw probe {100 * raw:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
         print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']} ({r['covered_by_means']} by mean "
               f"codes); mean best AUROC {r['mean_best_auroc']:.3f}; probe on maxima {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw), "

@@ -52,8 +52,9 @@ OUR_CHECKPOINT = checkpoint_path("bench_train", M, K, root=os.path.join(tempfile
 def run_ours(acts_path, run_name, timed=False, epochs=EPOCHS):
     """train_sae.py with early stopping and the LM evaluation off (so memory is training's own)."""
     cmd = [sys.executable, os.path.join(ROOT, "train_sae.py"), f"--activations_path={acts_path}",
-           f"--run_name={run_name}", f"--m={M}", f"--k={K}", "--use_matryoshka=True", f"--matryoshka_prefixes={PREFIXES}",
-           f"--n_epochs={epochs}", f"--patience={epochs}", f"--batch_size={BATCH}", f"--lr={LR}",
+           f"--run_name={run_name}", f"--m={M}", f"--k={K}", "--use_matryoshka=True",
+           f"--matryoshka_prefixes={PREFIXES}", f"--n_epochs={epochs}", f"--patience={epochs}",
+           f"--batch_size={BATCH}", f"--lr={LR}",
            "--export_saelens=False", "--eval_lm=False", "--train_tokens=no_first",
            "--input_norm=none"]  # HypotheSAEs' math exactly: its tokens as they are, no per-token normalization
     if timed:
