@@ -126,6 +126,8 @@ def one_seed(acts_path, work, seed, variant=()):
 
 def main():
     dataset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dataset=")), DATASET)
+    if not os.path.isfile(dataset):
+        sys.exit(f"--dataset={dataset} does not exist: pass the path of a JSONL file with text and label fields")
     seeds = [int(v) for v in next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--seeds=")), "0,1,2").split(",")]
     variant = [a for a in sys.argv[1:] if not a.startswith(("--dataset=", "--seeds="))]  # e.g. --input_norm=layer_norm
     work = os.path.join(tempfile.gettempdir(), "bench_labels")
