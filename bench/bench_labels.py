@@ -129,7 +129,7 @@ def main():
     if not os.path.isfile(dataset):
         sys.exit(f"--dataset={dataset} does not exist: pass the path of a JSONL file with text and label fields")
     seeds = [int(v) for v in next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--seeds=")), "0,1,2").split(",")]
-    variant = [a for a in sys.argv[1:] if not a.startswith(("--dataset=", "--seeds="))]  # e.g. --input_norm=layer_norm
+    variant = [a for a in sys.argv[1:] if not a.startswith(("--dataset=", "--seeds="))]  # e.g. --input_norm=none
     work = os.path.join(tempfile.gettempdir(), "bench_labels")
     os.makedirs(work, exist_ok=True)
     acts_path = os.path.join(work, "activations", "activations_layer12.npz")

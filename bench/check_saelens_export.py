@@ -6,7 +6,7 @@ requirements (bench/requirements-saelens.txt), then:
     pip install -r bench/requirements-saelens.txt
     python bench/check_saelens_export.py      # after the default extraction: activations/activations_layer12.npz
     python bench/check_saelens_export.py --activations_path=other/activations_layer6.npz
-    python bench/check_saelens_export.py --input_norm=layer_norm   # other train_sae.py settings for every variant
+    python bench/check_saelens_export.py --input_norm=none   # other train_sae.py settings for every variant
 
 For each of TopK, Matryoshka TopK, BatchTopK and Matryoshka BatchTopK it runs train_sae.py (a few epochs,
 export on), loads the export with `sae_lens.SAE.load_from_disk`, and on held-out tokens compares SAELens'

@@ -441,8 +441,8 @@ def test_saelens_export_reproduces_codes_and_reconstructions_with_unit_decoder_r
     torch.testing.assert_close(w["W_dec"].norm(dim=1), torch.ones(32)), "unit-norm decoder rows"
     assert cfg["normalize_activations"] == input_norm
     x = torch.randn(64, 12) * 3 + torch.randn(64, 1)
-    mu, std = x.mean(1, keepdim=True), (x - x.mean(1, keepdim=True)).std(1, keepdim=True)
-    x_in = (x - mu) / (std + 1e-5) if input_norm == "layer_norm" else x
+    mu, std = x.mean(1, keepdim=True), (x - x.mean(1, keepdim=True)).std(1, keepdim=True)  # to restore the output
+    x_in = layer_normed(x) if input_norm == "layer_norm" else x
     pre = (x_in - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     if batch_topk:
         codes = F.relu(pre) * (pre > w["threshold"])
