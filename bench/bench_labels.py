@@ -128,7 +128,11 @@ def main():
     dataset = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--dataset=")), DATASET)
     if not os.path.isfile(dataset):
         sys.exit(f"--dataset={dataset} does not exist: pass the path of a JSONL file with text and label fields")
-    seeds = [int(v) for v in next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--seeds=")), "0,1,2").split(",")]
+    seeds_arg = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--seeds=")), "0,1,2")
+    try:
+        seeds = [int(v) for v in seeds_arg.split(",")]
+    except ValueError:
+        sys.exit(f"--seeds={seeds_arg} is not a list of whole numbers: pass e.g. --seeds=0,1,2")
     variant = [a for a in sys.argv[1:] if not a.startswith(("--dataset=", "--seeds="))]  # e.g. --input_norm=none
     work = os.path.join(tempfile.gettempdir(), "bench_labels")
     os.makedirs(work, exist_ok=True)
