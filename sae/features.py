@@ -153,8 +153,14 @@ def content_text(tokenizer, token_ids: np.ndarray, roles: np.ndarray, max_tokens
 
 
 def distinctive_tokens(peak_token_ids: np.ndarray, token_counts: dict, n_tokens: int, tokenizer, top: int = 5):
-    """Tokens most over-represented at a feature's peaks against their frequency in the whole dataset
-    (smoothed log ratio; a token must peak at least twice, or once when there are few peaks)."""
+    """The tokens that best tell a feature's peaks from the dataset: each token t scored by its term of
+    the KL divergence between the two token distributions,
+
+        p(t) · log(p(t) / q(t)),   p(t) = share of the peaks on t,   q(t) = (count of t in the data + 1) / n_tokens
+
+    so a token ranks high when the feature peaks on it often *and* more often than the text holds it; a rare
+    word at two peaks does not outrank the token of most peaks, as it would by the ratio alone. A token must
+    peak at least twice, or once when there are few peaks."""
     if len(peak_token_ids) == 0:
         return []
     ids, counts = np.unique(peak_token_ids, return_counts=True)
@@ -163,8 +169,8 @@ def distinctive_tokens(peak_token_ids: np.ndarray, token_counts: dict, n_tokens:
     for t, c in zip(ids, counts):
         if c < min_count:
             continue
-        ratio = (c / len(peak_token_ids)) / ((token_counts.get(int(t), 0) + 1) / n_tokens)
-        scored.append((np.log(ratio), int(c), int(t)))
+        p = c / len(peak_token_ids)
+        scored.append((p * np.log(p / ((token_counts.get(int(t), 0) + 1) / n_tokens)), int(c), int(t)))
     scored.sort(reverse=True)
     return [(token_text(tokenizer, t), c) for _, c, t in scored[:top]]
 

@@ -11,7 +11,7 @@ from conftest import kill_when, ROOT, make_activations, run_script
 from sae import chat, lm
 from sae.activations import open_activations
 from sae.checkpoint import load_checkpoint
-from sae.features import auroc, example_features, mark_peak
+from sae.features import auroc, distinctive_tokens, example_features, mark_peak
 from sae.selection import TokenSelection
 from fake_openai import DESCRIPTION, FakeOpenAI
 
@@ -160,6 +160,30 @@ def test_auroc_matches_hand_computation():
         for f in range(3):
             pairs = [(p > q) + 0.5 * (p == q) for p in pos[:, f] for q in neg[:, f]]
             assert result[c, f] == pytest.approx(np.mean(pairs))
+
+
+class NamedIds:
+    """A tokenizer whose token i reads "t{i}": what distinctive_tokens needs of one."""
+
+    def convert_ids_to_tokens(self, i):
+        return f"t{i}"
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+
+def test_peak_tokens_rank_frequent_and_over_represented_first():
+    """A feature peaks 50 times on token 1 (a tenth of the text), 10 times on token 2 and twice on token 3
+    (both rare in the text), once on token 4. By p·log(p/q), worked out by hand: token 1 scores
+    50/62·log((50/62)/(1001/10000)) = 1.68, token 2 10/62·log((10/62)/(21/10000)) = 0.70, token 3
+    2/62·log((2/62)/(3/10000)) = 0.15; token 4 peaks once of 62, under the minimum of 2. By the ratio alone
+    the order would be 3, 2, 1: the word at two peaks first."""
+    peaks = np.array([1] * 50 + [2] * 10 + [3] * 2 + [4])
+    counts = {1: 1000, 2: 20, 3: 2, 4: 5}
+    assert distinctive_tokens(peaks, counts, 10_000, NamedIds()) == [("t1", 50), ("t2", 10), ("t3", 2)]
+    assert distinctive_tokens(peaks, counts, 10_000, NamedIds(), top=1) == [("t1", 50)]
+    assert distinctive_tokens(np.array([4, 3]), counts, 10_000, NamedIds()) == [("t3", 1), ("t4", 1)], \
+        "with few peaks one is enough"
 
 
 def test_peak_token_marking(tiny_model):
