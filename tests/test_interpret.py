@@ -174,10 +174,10 @@ class NamedIds:
 
 def test_peak_tokens_rank_frequent_and_over_represented_first():
     """A feature peaks 50 times on token 1 (a tenth of the text), 10 times on token 2 and twice on token 3
-    (both rare in the text), once on token 4. By p·log(p/q), worked out by hand: token 1 scores
-    50/62·log((50/62)/(1001/10000)) = 1.68, token 2 10/62·log((10/62)/(21/10000)) = 0.70, token 3
-    2/62·log((2/62)/(3/10000)) = 0.15; token 4 peaks once of 62, under the minimum of 2. By the ratio alone
-    the order would be 3, 2, 1: the word at two peaks first."""
+    (both rare in the text), once on token 4: 63 peaks. By p·log(p/q), worked out by hand: token 1 scores
+    50/63·log((50/63)/(1001/10000)) = 1.64, token 2 10/63·log((10/63)/(21/10000)) = 0.69, token 3
+    2/63·log((2/63)/(3/10000)) = 0.15; token 4 peaks once, under the minimum of 2. By the ratio alone the
+    order would be 3, 2, 1: the word at two peaks first."""
     peaks = np.array([1] * 50 + [2] * 10 + [3] * 2 + [4])
     counts = {1: 1000, 2: 20, 3: 2, 4: 5}
     assert distinctive_tokens(peaks, counts, 10_000, NamedIds()) == [("t1", 50), ("t2", 10), ("t3", 2)]
