@@ -10,7 +10,8 @@ attention sinks, as its users feed it). Both are then measured by the same funct
 - the linear probe on those maxima and on the mean codes, on the validation examples, beside the probe on
   mean-pooled raw activations; and the same three probes cross-validated over all examples (10 folds), whose
   450 held-out scores make the ratio to the raw probe far less noisy than the 45 validation examples do (the
-  SAE never saw a label, so scoring texts it was trained on leaks no label);
+  SAE never saw a label, so scoring texts it was trained on leaks no label); beside them the same probe on
+  the raw activations max-pooled as the maxima are, which says what that pooling alone costs;
 - the normalized MSE on the validation examples' content tokens.
 
     python bench/bench_labels.py                  # seeds 0, 1, 2; work files under $TMPDIR/bench_labels
@@ -88,6 +89,19 @@ def measure(sae, recon, acts, train_ids, val_ids, seed):
             "mean_best_auroc": lab["mean_best_auroc"], "content_nmse": nmse}
 
 
+def raw_maxima(acts) -> np.ndarray:
+    """(N, D) each example's raw activations max-pooled over its content tokens, as the feature maxima are."""
+    max_ND = torch.full((acts.n_examples, acts.d), float("-inf"))
+    first_row = 0  # eval_batches walks all examples in file order, so chunks are consecutive rows
+    for x, _, rows in eval_batches(acts, np.arange(acts.n_examples), TokenSelection(acts, "distinct")):
+        example_of_row = np.searchsorted(acts.offsets, np.arange(first_row, first_row + len(x)), side="right") - 1
+        content = torch.from_numpy(rows.content)
+        index = torch.from_numpy(example_of_row)[content][:, None].expand(-1, acts.d)
+        max_ND.scatter_reduce_(0, index, x[content], "amax")
+        first_row += len(x)
+    return torch.nan_to_num(max_ND, neginf=0.0).numpy()  # an example without content tokens: zeros, as its means
+
+
 def one_seed(acts_path, work, seed, variant=()):
     """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations); `variant`: more
     train_sae.py settings for ours."""
@@ -113,8 +127,10 @@ def one_seed(acts_path, work, seed, variant=()):
     a = measure(ours, ours, acts, train_ids, val_ids, seed)
     b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids, seed)
     raw = a["raw"]  # the same for both: mean-pooled activations of the same examples
+    a["cv"]["raw_max"] = b["cv"]["raw_max"] = cross_validated_accuracy(raw_maxima(acts), acts.labels, CV_FOLDS, seed)
     print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), prefixes {prefixes}, "
-          f"{len(val_ids)} validation examples, raw probe {100 * raw:.1f}%", flush=True)
+          f"{len(val_ids)} validation examples, raw probe {100 * raw:.1f}%; {CV_FOLDS}-fold over all examples: "
+          f"raw mean-pooled {100 * a['cv']['raw']:.1f}%, raw max-pooled {100 * a['cv']['raw_max']:.1f}%", flush=True)
     for name, r in (("train_sae.py", a), ("HypotheSAEs", b)):
         print(f"  {name:<13} labels covered {r['covered']:>2} of {r['n_labels']} ({r['covered_by_means']} by mean "
               f"codes); mean best AUROC {r['mean_best_auroc']:.3f}; probe on maxima {100 * r['probe']:.1f}% ({r['probe'] / raw:.2f} of raw), "
@@ -148,11 +164,12 @@ def main():
     for name, rs in (("train_sae.py", ours), ("HypotheSAEs", theirs)):
         covered, by_means = [r["covered"] for r in rs], [r["covered_by_means"] for r in rs]
         maxima, means = (np.mean([r[key] for r in rs]) / np.mean(raws) for key in ("probe", "probe_means"))
-        cv = {k: np.mean([r["cv"][k] for r in rs]) for k in ("max", "mean", "raw")}
+        cv = {k: np.mean([r["cv"][k] for r in rs]) for k in ("max", "mean", "raw", "raw_max")}
         print(f"{name:<13} mean over seeds: labels covered {np.mean(covered):.1f} (runs {covered}), by mean codes "
               f"{np.mean(by_means):.1f} (runs {by_means}); probe on maxima "
               f"{maxima:.2f} of raw, on means {means:.2f} (ratios of the mean accuracies; {CV_FOLDS}-fold over all "
-              f"examples: {cv['max'] / cv['raw']:.2f} and {cv['mean'] / cv['raw']:.2f}); content normalized MSE "
+              f"examples: {cv['max'] / cv['raw']:.2f} and {cv['mean'] / cv['raw']:.2f}; raw max-pooled "
+              f"{cv['raw_max'] / cv['raw']:.2f}); content normalized MSE "
               f"{np.mean([r['content_nmse'] for r in rs]):.4f}")
     diff = np.array([a["covered"] - b["covered"] for a, b in zip(ours, theirs)], dtype=float)
     se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
