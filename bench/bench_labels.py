@@ -94,9 +94,9 @@ def raw_maxima(acts) -> np.ndarray:
     max_ND = torch.full((acts.n_examples, acts.d), float("-inf"))
     first_row = 0  # eval_batches walks all examples in file order, so chunks are consecutive rows
     for x, _, rows in eval_batches(acts, np.arange(acts.n_examples), TokenSelection(acts, "distinct")):
-        example_of_row = np.searchsorted(acts.offsets, np.arange(first_row, first_row + len(x)), side="right") - 1
         content = torch.from_numpy(rows.content)
-        index = torch.from_numpy(example_of_row)[content][:, None].expand(-1, acts.d)
+        example_of_row = torch.from_numpy(acts.examples_of_rows(np.arange(first_row, first_row + len(x))))
+        index = example_of_row[content][:, None].expand(-1, acts.d)
         max_ND.scatter_reduce_(0, index, x[content], "amax")
         first_row += len(x)
     return torch.nan_to_num(max_ND, neginf=0.0).numpy()  # an example without content tokens: zeros, as its means

@@ -283,6 +283,10 @@ class Activations:
     def example(self, i: int) -> np.ndarray:
         return self.read_rows(int(self.offsets[i]), int(self.offsets[i + 1]))
 
+    def examples_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The example each of these rows of the file belongs to."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
     def tokens(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Example i's token ids and roles."""
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])

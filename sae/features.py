@@ -70,7 +70,7 @@ def example_features(sae, acts, selection: TokenSelection, tokens: str = "conten
     for x, _, rows in eval_batches(acts, np.arange(n), selection, chunk_tokens):
         bar.update(len(x))
         row_ids = np.arange(first_row, first_row + len(x))
-        example_of_row = np.searchsorted(acts.offsets, row_ids, side="right") - 1
+        example_of_row = acts.examples_of_rows(row_ids)
         pos_in_example = row_ids - acts.offsets[example_of_row]
         read = rows.content if tokens == "content" else selected_alone(selection.name, rows)
         sum_ND.index_add_(0, torch.from_numpy(example_of_row[read]), x[torch.from_numpy(read)].double())
