@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 
+def lift_text(lift: float) -> str:
+    """A peak token's lift, as "×41" or "×2.5" (one decimal below 10)."""
+    return f"×{lift:.1f}" if lift < 10 else f"×{lift:.0f}"
+
+
 class Source(Enum):
     """Where a feature's description came from."""
     DATA = "data"  # built from the data: best label, peak tokens, a top example
@@ -38,7 +43,7 @@ class Feature:
     prevalence: float  # share of examples where it fires
     mean_activation: float  # over the examples where it fires
     template_share: float | None  # share of its activation on template positions (None: it never fires)
-    top_tokens: list[tuple[str, int]]  # its most distinctive peak tokens, with counts
+    top_tokens: list[tuple[str, int, float]]  # its most distinctive peak tokens: text, peaks, lift over the text
     top_label: str | None  # its best label, and that label's AUROC
     top_label_auroc: float | None
     description: str
@@ -64,7 +69,8 @@ class Feature:
         if self.top_label:
             out.append(f"best label {self.top_label} (AUROC {self.top_label_auroc:.2f})")
         if self.top_tokens:
-            out.append("peak tokens: " + ", ".join(f"{t!r}×{c}" for t, c in self.top_tokens))
+            out.append("peak tokens (peaks, times as frequent as in the text): "
+                       + ", ".join(f"{t!r} {c} {lift_text(lift)}" for t, c, lift in self.top_tokens))
         return out
 
     def console(self, n_examples: int = 3) -> str:
@@ -80,7 +86,8 @@ class Feature:
                "interpretation": self.description, "source": self.source.value,
                "f1": score.f1 if score else None, "precision": score.precision if score else None,
                "recall": score.recall if score else None, "top_label": self.top_label,
-               "top_label_auroc": self.top_label_auroc, "top_tokens": "; ".join(f"{t} ({c})" for t, c in self.top_tokens)}
+               "top_label_auroc": self.top_label_auroc,
+               "top_tokens": "; ".join(f"{t} ({c}, {lift_text(lift)})" for t, c, lift in self.top_tokens)}
         row.update({f"top_example_{j + 1}": self.shown[j] if j < len(self.shown) else "" for j in range(n_examples)})
         return row
 

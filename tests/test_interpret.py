@@ -177,13 +177,16 @@ def test_peak_tokens_rank_frequent_and_over_represented_first():
     (both rare in the text), once on token 4: 63 peaks. By p·log(p/q), worked out by hand: token 1 scores
     50/63·log((50/63)/(1001/10000)) = 1.64, token 2 10/63·log((10/63)/(21/10000)) = 0.69, token 3
     2/63·log((2/63)/(3/10000)) = 0.15; token 4 peaks once, under the minimum of 2. By the ratio alone the
-    order would be 3, 2, 1: the word at two peaks first."""
+    order would be 3, 2, 1: the word at two peaks first. Each comes with that ratio, its lift: 7.93, 75.6,
+    105.8."""
     peaks = np.array([1] * 50 + [2] * 10 + [3] * 2 + [4])
     counts = {1: 1000, 2: 20, 3: 2, 4: 5}
-    assert distinctive_tokens(peaks, counts, 10_000, NamedIds()) == [("t1", 50), ("t2", 10), ("t3", 2)]
-    assert distinctive_tokens(peaks, counts, 10_000, NamedIds(), top=1) == [("t1", 50)]
-    assert distinctive_tokens(np.array([4, 3]), counts, 10_000, NamedIds()) == [("t3", 1), ("t4", 1)], \
-        "with few peaks one is enough"
+    shown = distinctive_tokens(peaks, counts, 10_000, NamedIds())
+    assert [(t, c) for t, c, _ in shown] == [("t1", 50), ("t2", 10), ("t3", 2)]
+    assert [lift for *_, lift in shown] == pytest.approx([7.93, 75.6, 105.8], rel=1e-3)
+    assert [(t, c) for t, c, _ in distinctive_tokens(peaks, counts, 10_000, NamedIds(), top=1)] == [("t1", 50)]
+    assert [(t, c) for t, c, _ in distinctive_tokens(np.array([4, 3]), counts, 10_000, NamedIds())] == \
+        [("t3", 1), ("t4", 1)], "with few peaks one is enough"
 
 
 def test_peak_token_marking(tiny_model):

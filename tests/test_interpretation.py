@@ -15,7 +15,8 @@ def test_score_counts_votes_by_hand():
 
 
 def test_one_formatter_for_console_csv_and_card():
-    f = Feature(7, False, 0.153, 2.5, 0.1, [(" rethink", 4)], "reconsidering", 0.91, "reconsidering a decision",
+    f = Feature(7, False, 0.153, 2.5, 0.1, [(" rethink", 4, 41.3), (" again", 3, 2.54)], "reconsidering", 0.91,
+                "reconsidering a decision",
                 shown=["I «rethought» it"] * 6, source=Source.LLM, score=Score(0.5, 1.0, 2 / 3))
     assert f.console().startswith("Neuron 7 (15.3% active): reconsidering a decision")
     row = f.csv_row()
@@ -23,6 +24,8 @@ def test_one_formatter_for_console_csv_and_card():
     assert row["f1"] == pytest.approx(2 / 3) and row["top_example_5"] == "I «rethought» it"
     card = f.card()
     assert "F1 0.67 (precision 0.50, recall 1.00)" in card["stats"] and "best label reconsidering (AUROC 0.91)" in card["stats"]
+    assert "peak tokens (peaks, times as frequent as in the text): ' rethink' 4 ×41, ' again' 3 ×2.5" in card["stats"]
+    assert row["top_tokens"] == " rethink (4, ×41);  again (3, ×2.5)"
     assert "F1" not in Feature(1, True, 1.0, 1.0, 0.9, [], None, None, "x").card()["stats"]
 
 
