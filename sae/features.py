@@ -160,8 +160,9 @@ def distinctive_tokens(peak_token_ids: np.ndarray, token_counts: dict, n_tokens:
 
     so a token ranks high when the feature peaks on it often *and* more often than the text holds it; a rare
     word at two peaks does not outrank the token of most peaks, as it would by the ratio alone. The lift says
-    which of the two a shown token is: ' but' at 167 peaks and 3× its share of the text is frequent, a name
-    at 50 peaks and 80× is specific. A token must peak at least twice, or once when there are few peaks."""
+    which of the two a shown token is (on the real development texts: ' a' at 35 peaks and 3.5 times as
+    frequent as in the text is merely common, ' letting' at 37 peaks and 190 times is specific). A token must
+    peak at least twice, or once when there are few peaks."""
     if len(peak_token_ids) == 0:
         return []
     ids, counts = np.unique(peak_token_ids, return_counts=True)
