@@ -102,9 +102,9 @@ def raw_maxima(acts) -> np.ndarray:
     return torch.nan_to_num(max_ND, neginf=0.0).numpy()  # an example without content tokens: zeros, as its means
 
 
-def one_seed(acts_path, work, seed, variant=()):
-    """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations); `variant`: more
-    train_sae.py settings for ours."""
+def one_seed(acts_path, work, seed, raw_max_ND, variant=()):
+    """(ours, theirs, raw probe accuracy) for one seed (the split and both initialisations); `raw_max_ND`: the
+    raw_maxima of the file (the same for every seed); `variant`: more train_sae.py settings for ours."""
     run("train_sae.py", *variant, f"--activations_path={acts_path}", f"--run_name=bench_labels_{seed}", "--eval_lm=False",
         "--export_saelens=False", f"--m={M}", f"--k={K}", f"--seed={seed}",
         cwd=work)
@@ -127,7 +127,7 @@ def one_seed(acts_path, work, seed, variant=()):
     a = measure(ours, ours, acts, train_ids, val_ids, seed)
     b = measure(Theirs(model), lambda x: model(x)[0], acts, train_ids, val_ids, seed)
     raw = a["raw"]  # the same for both: mean-pooled activations of the same examples
-    a["cv"]["raw_max"] = b["cv"]["raw_max"] = cross_validated_accuracy(raw_maxima(acts), acts.labels, CV_FOLDS, seed)
+    a["cv"]["raw_max"] = b["cv"]["raw_max"] = cross_validated_accuracy(raw_max_ND, acts.labels, CV_FOLDS, seed)
     print(f"seed {seed}: {epochs} epochs (ours, early stopping; theirs the same count), prefixes {prefixes}, "
           f"{len(val_ids)} validation examples, raw probe {100 * raw:.1f}%; {CV_FOLDS}-fold over all examples: "
           f"raw mean-pooled {100 * a['cv']['raw']:.1f}%, raw max-pooled {100 * a['cv']['raw_max']:.1f}%", flush=True)
@@ -159,7 +159,8 @@ def main():
     print(f"data: {dataset} ({acts.n_examples} examples, {acts.n_tokens} tokens); M={M} K={K}; "
           f"seeds {seeds} (each: the split and both initialisations); ours with "
           f"{' '.join(variant) or 'the default settings'}", flush=True)
-    results = [one_seed(acts_path, work, seed, variant) for seed in seeds]
+    raw_max_ND = raw_maxima(acts)
+    results = [one_seed(acts_path, work, seed, raw_max_ND, variant) for seed in seeds]
     ours, theirs, raws = zip(*results)
     for name, rs in (("train_sae.py", ours), ("HypotheSAEs", theirs)):
         covered, by_means = [r["covered"] for r in rs], [r["covered_by_means"] for r in rs]
